@@ -1,0 +1,285 @@
+"""LLaMA-2, the language model of Qilin-Med-VL (paper section 4.1).
+
+Qilin-Med-VL's LLM is a Chinese fine-tune of LLaMA-2-13B-Chat: a decoder-only transformer with
+RMSNorm before each sub-layer, rotary position embeddings (RoPE), SwiGLU feed-forward layers and
+(in later LLaMAs) grouped-query attention. The multimodal model feeds it `inputs_embeds` in which
+image features stand where the `<image>` placeholder was (see model.py); everything else is a
+plain causal language model.
+
+Two paths through attention, both via `F.scaled_dot_product_attention`:
+  * training / full forward: no cache and no dense mask. Batches are right-padded, so every pad
+    sits after every real token and `is_causal=True` alone is exact for the real tokens;
+    SDPA can then pick its fused kernel.
+  * decoding: a static KV cache, preallocated once, written in place at the new positions;
+    each step attends to the filled part of it.
+
+Reference: Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models"; module
+names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...).
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from checkpoint import assign_weights, read_config, read_weights
+
+
+@dataclass
+class LlamaArgs:
+    dim: int = 5120
+    n_layers: int = 40
+    n_heads: int = 40
+    n_kv_heads: int = 40  # fewer than n_heads = grouped-query attention
+    intermediate_size: int = 13824
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name):
+        presets = {
+            "13b": cls(),  # LLaMA-2-13B, as in Qilin-Med-VL
+            "7b": cls(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008),
+            # CPU demo size; vocab_size is set from the demo tokenizer.
+            "demo": cls(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, intermediate_size=352, max_seq_len=512),
+        }
+        return presets[name]
+
+    @classmethod
+    def from_hf_config(cls, c):
+        """From a LlamaConfig dict. Absent keys mean Hugging Face's defaults: rms_norm_eps 1e-6,
+        num_key_value_heads = num_attention_heads, rope_theta 10000 (transformers 5 nests it in
+        `rope_parameters`)."""
+        rope = c.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default" or c.get("rope_scaling"):
+            raise ValueError(f"RoPE scaling {rope or c.get('rope_scaling')} is not supported (LLaMA-2 uses none)")
+        n_heads = c.get("num_attention_heads", 32)
+        dim = c.get("hidden_size", 4096)
+        if c.get("head_dim", dim // n_heads) != dim // n_heads:
+            raise ValueError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+        return cls(dim=dim, n_layers=c.get("num_hidden_layers", 32), n_heads=n_heads,
+                   n_kv_heads=c.get("num_key_value_heads") or n_heads,
+                   intermediate_size=c.get("intermediate_size", 11008), vocab_size=c.get("vocab_size", 32000),
+                   norm_eps=c.get("rms_norm_eps", 1e-6),
+                   rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+                   max_seq_len=c.get("max_position_embeddings", 4096),
+                   tie_embeddings=c.get("tie_word_embeddings", False))
+
+    def to_hf_config(self):
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=self.dim,
+                    num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+                    num_key_value_heads=self.n_kv_heads, intermediate_size=self.intermediate_size,
+                    vocab_size=self.vocab_size, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                    max_position_embeddings=self.max_seq_len, tie_word_embeddings=self.tie_embeddings,
+                    hidden_act="silu", bos_token_id=1, eos_token_id=2)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as the reference does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE angles for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
+
+    Frequency i (of head_dim/2) turns at theta^(-2i/head_dim). Hugging Face's weights pair
+    dimension i with i + head_dim/2 ("rotate_half"), so the table repeats the frequencies twice.
+    Computed in float32 from the positions each forward: cheap, and exact at any position.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x: (B, H, T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position decoded so far, preallocated for max_seq_len."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos, k, v):
+        """Write k, v (B, Hkv, T, hd) at slots [start_pos, start_pos + T); return all filled slots."""
+        B, end = k.shape[0], start_pos + k.shape[2]
+        self.k[:B, :, start_pos:end] = k
+        self.v[:B, :, start_pos:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache = None  # a KVCache while decoding (Llama.setup_cache)
+
+    def forward(self, x, cos, sin, start_pos=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is None:  # full sequence, right-padded: causal alone is exact
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:  # decoding: attend to every cached slot; `mask` is None when all are visible
+            k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
+            # SDPA's is_causal aligns top-left, which is only right when the cache was empty.
+            causal = mask is None and start_pos == 0 and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, start_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward (training memory)
+        for m in self.modules():  # the init LLaMA was trained from; loading replaces it
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, start_pos=None, positions=None, pad_mask=None):
+        """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab).
+
+        Without `start_pos`: a full causal forward with no cache (training, scoring).
+        With `start_pos` (int, after `setup_cache`): these T tokens go into cache slots
+        [start_pos, start_pos + T) and attend to every slot before them.
+          positions: (B, T) RoPE positions; defaults to the slot numbers. Left-padded batches pass
+                     each row's own count of real tokens so far.
+          pad_mask:  (B, start_pos + T) bool, False at cache slots holding padding.
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
+        B, T, _ = x.shape
+        if positions is None:
+            positions = torch.arange(start_pos or 0, (start_pos or 0) + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        mask = None
+        if start_pos is not None and (pad_mask is not None or (T > 1 and start_pos > 0)):
+            slots = torch.arange(start_pos + T, device=x.device)
+            mask = slots <= (start_pos + torch.arange(T, device=x.device))[:, None]  # (T, S) causal
+            if pad_mask is not None:  # hide padding, but let a query always see its own slot
+                mask = (mask & pad_mask[:, None, None, :]) | (slots == start_pos + torch.arange(T, device=x.device)[:, None])
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos, mask)
+        return self.lm_head(self.norm(x))
+
+    def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):
+        """Preallocate a static KV cache for decoding (forward with start_pos)."""
+        w = self.lm_head.weight
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch_size, max_seq_len or self.args.max_seq_len, self.args.n_kv_heads,
+                                            self.args.head_dim, dtype or w.dtype, device or w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+    def flops_per_token(self, seq_len, backward=True):
+        """Matmul FLOPs per token (nanoGPT's / PaLM's estimate): 2N forward, 2x that again for the
+        backward, plus attention's 12*L*d*T (for forward+backward). The embedding lookup is free.
+        Stage 1 (frozen LLM, gradients still flow through it): about 4N, not 6N."""
+        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
+        attn = 2 * self.args.n_layers * self.args.dim * seq_len  # forward, causal half counted full
+        forward = 2 * n + attn
+        return 3 * forward if backward else forward
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Hugging Face LLaMA folder (LlamaForCausalLM weights + config.json)."""
+        args = LlamaArgs.from_hf_config(read_config(path))
+        weights = read_weights(path)
+        return cls.from_weights(args, weights, llama_key, dtype, device)
+
+    @classmethod
+    def from_weights(cls, args, weights, key_map, dtype=None, device=None):
+        with torch.device("meta"):
+            model = cls(args)
+        if args.tie_embeddings:  # one matrix serves both ends; the checkpoint stores it once
+            model.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False, device="meta")
+            embed = next(k for k in weights.tensors if key_map(k) == "embed_tokens.weight")
+            head = embed.replace("model.embed_tokens", "lm_head")
+            weights.tensors.setdefault(head, weights.tensors[embed])
+            weights.files.setdefault(head, weights.files[embed])
+        assign_weights(model, weights, key_map, dtype=dtype, device=device, what="LLaMA model")
+        if args.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+
+def llama_key(key):
+    """Checkpoint key -> our parameter name: strip `model.`; skip old files' RoPE buffers."""
+    return None if key.endswith("rotary_emb.inv_freq") else key.removeprefix("model.")
+
+
+if __name__ == "__main__":
+    # Logits of a short token sequence from a random demo-size model, or from a real folder.
+    import sys
+
+    llm = Llama.from_pretrained(sys.argv[1]) if len(sys.argv) > 1 else Llama(LlamaArgs.preset("demo"))
+    ids = torch.tensor([[1, 319, 13, 29871]]) % llm.args.vocab_size
+    with torch.no_grad():
+        logits = llm(ids)
+    print(f"tokens {tuple(ids.shape)} -> logits {tuple(logits.shape)}; next token {logits[0, -1].argmax().item()}")
