@@ -1,4 +1,344 @@
-"""Qilin-Med-VL: the CLIP vision tower, the adapter and the LLaMA language model as one model."""
+"""Qilin-Med-VL: the CLIP vision tower, the adapter and the LLaMA language model as one model.
+
+Paper section 4.1 (model architecture): a frozen ViT turns each image into patch features, a
+vision-language adapter maps them into the LLM's embedding space, and the LLM reads them where
+an `<image>` placeholder stood in the text:
+
+    pixels (N, 3, 336, 336) --vit--> (N, 576, 1024) --projector--> (N, 576, 5120)
+    input_ids (B, T) with one IMAGE_TOKEN_INDEX per image
+        --embed, splice--> (B, T - 1 + 576, 5120) --llama--> logits
+
+The paper describes the adapter as "a simple linear projection layer" (`projector="linear"`);
+the released Qilin-Med-VL-Chat uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Both are here.
+Section 4.2's two stages differ only in what trains: stage 1 the adapter, stage 2 the adapter
+and the LLM (`set_trainable`). The vision tower never trains.
+
+Checkpoints in three layouts load (`from_pretrained`): this project's own, the original LLaVA
+layout the authors released, and transformers' llava-hf layout (`export_llava_hf` writes it).
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import (CheckpointError, Weights, assign_weights, read_bin, read_config, read_safetensors,
+                        read_weights, save_weights)
+from llama import Llama, LlamaArgs, llama_key
+from vit import VisionArgs, VisionTransformer, clip_key
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in input_ids: one per image, expanded to its patch features
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+
+
+@dataclass
+class QilinConfig:
+    projector: str = "linear"  # paper: "linear"; released weights: "mlp2x_gelu"
+    select_layer: int = -2  # which hidden state of the ViT (-2: penultimate block, as LLaVA)
+    image_fit: str = "pad"  # how images become squares: "pad" (stage 2, chat) or "crop" (see data.py)
+    style: str = "paper"  # prompt style the model was trained with: "paper" or "release" (see data.py)
+    vision: VisionArgs = field(default_factory=VisionArgs)
+    llm: LlamaArgs = field(default_factory=LlamaArgs)
+
+    def to_dict(self):
+        return dict(model_type="qilin_med_vl", projector=self.projector, select_layer=self.select_layer,
+                    image_fit=self.image_fit, style=self.style,
+                    vision_config=asdict(self.vision), text_config=asdict(self.llm))
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(projector=d["projector"], select_layer=d["select_layer"], image_fit=d["image_fit"],
+                   style=d["style"], vision=VisionArgs(**d["vision_config"]), llm=LlamaArgs(**d["text_config"]))
+
+
+def build_projector(kind, vision_dim, llm_dim):
+    """The vision-language adapter: (N, P, vision_dim) -> (N, P, llm_dim)."""
+    if kind == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    if kind == "mlp2x_gelu":  # indices 0 and 2 match LLaVA's `mm_projector.0/.2` keys
+        return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+    raise ValueError(f"unknown projector type {kind!r} (expected 'linear' or 'mlp2x_gelu')")
+
+
+class QilinMedVL(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTransformer(config.vision).requires_grad_(False)
+        self.projector = build_projector(config.projector, config.vision.dim, config.llm.dim)
+        self.llm = Llama(config.llm)
+
+    @property
+    def num_image_tokens(self):
+        return self.config.vision.num_patches
+
+    def set_trainable(self, stage):
+        """Paper section 4.2: stage 1 trains the adapter only; stage 2 the adapter and the LLM."""
+        self.vision.requires_grad_(False)
+        self.projector.requires_grad_(True)
+        self.llm.requires_grad_(stage == 2)
+
+    def encode_images(self, pixel_values):
+        """(N, 3, S, S) -> (N, num_patches, llm_dim). The ViT is frozen: no autograd through it."""
+        with torch.no_grad():
+            features = self.vision(pixel_values, self.config.select_layer)
+        weight = next(self.projector.parameters())
+        return self.projector(features.to(weight.dtype))
+
+    def embed(self, input_ids, pixel_values=None, labels=None, attention_mask=None, padding_side="right"):
+        """Splice image features into the token embeddings (LLaVA's convention).
+
+        input_ids: (B, T) with IMAGE_TOKEN_INDEX once per image, images numbered in row order;
+        pixel_values: (N, 3, S, S), one per placeholder; attention_mask: (B, T), False at padding.
+        Each placeholder becomes that image's num_patches feature vectors (their labels
+        IGNORE_INDEX), so rows grow by different amounts; they are padded again afterwards.
+        Returns embeds (B, L, dim), labels (B, L) or None, and mask (B, L), True at real positions.
+        """
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        n_placeholders = int(is_image.sum())
+        n_images = 0 if pixel_values is None else len(pixel_values)
+        if n_placeholders != n_images:
+            raise ValueError(f"{n_placeholders} image placeholders in input_ids but {n_images} images")
+        images = self.encode_images(pixel_values) if n_images else None  # (N, P, dim)
+        text = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, dim); placeholders overwritten
+        rows, label_rows, k = [], [], 0
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool() if attention_mask is not None else slice(None)
+            ids, emb = input_ids[b][keep], text[b][keep]
+            lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            pieces, label_pieces, start = [], [], 0
+            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+                pieces += [emb[start:pos], images[k]]
+                label_pieces += [lab[start:pos], lab.new_full((images.shape[1],), IGNORE_INDEX)]
+                start, k = pos + 1, k + 1
+            rows.append(torch.cat(pieces + [emb[start:]]))
+            label_rows.append(torch.cat(label_pieces + [lab[start:]]))
+        L = max(len(r) for r in rows)
+        embeds = text.new_zeros(len(rows), L, text.shape[-1])
+        out_labels = input_ids.new_full((len(rows), L), IGNORE_INDEX)
+        mask = torch.zeros(len(rows), L, dtype=torch.bool, device=input_ids.device)
+        for b, (r, lab) in enumerate(zip(rows, label_rows)):
+            span = slice(0, len(r)) if padding_side == "right" else slice(L - len(r), L)
+            embeds[b, span], out_labels[b, span], mask[b, span] = r, lab, True
+        return embeds, (out_labels if labels is not None else None), mask
+
+    def forward(self, input_ids, pixel_values=None, labels=None, attention_mask=None):
+        """Returns (logits (B, L, vocab), loss): the mean cross-entropy of each learned token given
+        the ones before it (labels shifted by one), or None without labels."""
+        embeds, labels, _ = self.embed(input_ids, pixel_values, labels, attention_mask)
+        logits = self.llm(inputs_embeds=embeds)  # right padding + causal: no mask needed
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder, tokenizer=None, max_shard_bytes=5 * 2**30):
+        """Our layout: safetensors shards + index, config.json, and a copy of tokenizer.model."""
+        save_weights(self.state_dict(), folder, max_shard_bytes)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+
+    def save_projector(self, folder, vision_path=None, llm_path=None, tokenizer=None):
+        """Stage 1's output: the adapter alone (projector.safetensors) and a config that records
+        which towers it was trained against, so `from_pretrained` can assemble the whole model."""
+        os.makedirs(folder, exist_ok=True)
+        save_weights(self.projector.state_dict(), os.path.join(folder, "projector"))
+        os.replace(os.path.join(folder, "projector", "model.safetensors"), os.path.join(folder, "projector.safetensors"))
+        os.rmdir(os.path.join(folder, "projector"))
+        config = dict(self.config.to_dict(), model_type="qilin_med_vl_projector",
+                      vision_path=vision_path and os.path.abspath(vision_path),
+                      llm_path=llm_path and os.path.abspath(llm_path))
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+
+    def export_llava_hf(self, folder, tokenizer=None):
+        """Write transformers' llava-hf layout (LlavaForConditionalGeneration, transformers 5 key
+        names), so a trained model can be served with transformers or vLLM.
+
+        llava-hf marks images with a real vocabulary id repeated once per patch, so the vocabulary
+        grows by one `<image>` row (embedding and output rows set to the mean of the others, as
+        transformers' resize does: never the argmax in practice)."""
+        if self.config.projector != "mlp2x_gelu":
+            raise ValueError("export_llava_hf needs projector='mlp2x_gelu': transformers' Llava projector is "
+                             "always two linear layers with a GELU, so a 'linear' adapter has no place in it")
+        state = {}
+        for k, v in self.vision.state_dict().items():
+            state[f"vision_tower.{k}"] = v
+        state["multi_modal_projector.linear_1.weight"] = self.projector[0].weight
+        state["multi_modal_projector.linear_1.bias"] = self.projector[0].bias
+        state["multi_modal_projector.linear_2.weight"] = self.projector[2].weight
+        state["multi_modal_projector.linear_2.bias"] = self.projector[2].bias
+        for k, v in self.llm.state_dict().items():
+            if k in ("embed_tokens.weight", "lm_head.weight"):
+                v = torch.cat([v, v.float().mean(0, keepdim=True).to(v.dtype)])  # + the <image> row
+            state[("language_model." if k.startswith("lm_head") else "language_model.model.") + k] = v
+        save_weights(state, folder)
+        image_token = self.config.llm.vocab_size
+        text = dict(self.config.llm.to_hf_config(), vocab_size=image_token + 1, pad_token_id=None)
+        config = dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
+                      vision_config=self.config.vision.to_hf_config(), text_config=text,
+                      image_token_index=image_token, image_seq_length=self.num_image_tokens,
+                      vision_feature_layer=self.config.select_layer, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_parts(cls, config, vision_path=None, llm_path=None, projector_path=None, dtype=None, device=None):
+        """Assemble a model for training: official towers from their own folders (random ones where
+        a path is None, as in the demo), the adapter from stage 1's output (our folder, or LLaVA's
+        `mm_projector.bin`) or freshly initialised."""
+        model = cls(config)
+        if vision_path is not None:
+            model.vision = VisionTransformer.from_pretrained(vision_path, dtype, device)
+            check_vision(model.vision.args, config.vision, vision_path)
+        if llm_path is not None:
+            model.llm = Llama.from_pretrained(llm_path, dtype, device)
+        if projector_path is not None:
+            load_projector(model.projector, projector_path, dtype, device)
+        return model.to(device=device, dtype=dtype) if (dtype or device) else model
+
+    @classmethod
+    def from_pretrained(cls, path, vision_path=None, dtype=None, device=None):
+        """Load any supported layout; which one is detected from config.json and the key names.
+
+          our own        config model_type "qilin_med_vl" (save_pretrained)
+          stage 1 output config model_type "qilin_med_vl_projector" (towers from the recorded paths)
+          LLaVA original keys `model.mm_projector.*` (Qilin-Med-VL-Chat as released); the CLIP tower
+                         comes from vision_path, or from config `mm_vision_tower` if that is a folder
+          llava-hf       keys `multi_modal_projector.*` (transformers 4 and 5 variants)
+        """
+        cfg = read_config(path)
+        kind = cfg.get("model_type")
+        if kind == "qilin_med_vl_projector":
+            config = QilinConfig.from_dict(cfg)
+            return cls.from_parts(config, vision_path or cfg["vision_path"], cfg["llm_path"],
+                                  path, dtype, device)
+        weights = read_weights(path)
+        if kind == "qilin_med_vl":
+            config = QilinConfig.from_dict(cfg)
+            with torch.device("meta"):
+                model = cls(config)
+            assign_weights(model, weights, lambda k: k, dtype, device, what="Qilin-Med-VL model")
+            return model.requires_grad_(False)
+        if any(k.startswith("model.mm_projector.") for k in weights.tensors):
+            return cls._from_llava(cfg, weights, vision_path, dtype, device)
+        if any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors):
+            return cls._from_llava_hf(cfg, weights, dtype, device)
+        prefixes = sorted({".".join(k.split(".")[:2]) for k in weights.tensors})[:10]
+        raise CheckpointError(f"{path}: not a Qilin-Med-VL, LLaVA or llava-hf checkpoint (config model_type "
+                              f"{kind!r}; weight keys start with {prefixes})")
+
+    @classmethod
+    def _from_llava(cls, cfg, weights, vision_path, dtype, device):
+        """The original LLaVA layout: one LlamaForCausalLM-like folder (LLaMA fields at the top of
+        config.json) plus `model.mm_projector.*`; the CLIP tower lives in its own folder."""
+        vision_path = vision_path or cfg.get("mm_vision_tower")
+        if not vision_path or not os.path.isdir(vision_path):
+            raise CheckpointError(f"{weights.folder}: this LLaVA-layout checkpoint keeps its CLIP tower elsewhere "
+                                  f"(config says mm_vision_tower={cfg.get('mm_vision_tower')!r}); pass the local "
+                                  f"CLIP ViT-L/14-336 folder as vision_path (--vision DIR)")
+        vision = VisionTransformer.from_pretrained(vision_path, dtype, device)
+        if cfg.get("mm_hidden_size", vision.args.dim) != vision.args.dim:
+            raise CheckpointError(f"{vision_path}: vision tower width {vision.args.dim} does not match the "
+                                  f"checkpoint's mm_hidden_size {cfg['mm_hidden_size']} ({weights.folder})")
+        config = QilinConfig(projector=cfg.get("mm_projector_type", "linear"),
+                             select_layer=cfg.get("mm_vision_select_layer", -2),
+                             image_fit="pad" if cfg.get("image_aspect_ratio") == "pad" else "crop",
+                             style="release", vision=vision.args, llm=LlamaArgs.from_hf_config(cfg))
+        with torch.device("meta"):
+            model = cls(config)
+
+        def key_map(k):
+            if k.startswith("model.mm_projector."):
+                return "projector." + k.removeprefix("model.mm_projector.")
+            if k.startswith("model.vision_tower."):  # a copy of the frozen CLIP some forks save: use vision_path's
+                return None
+            return None if llama_key(k) is None else "llm." + llama_key(k)
+
+        # The projector and LLM from this folder, strictly; the vision tower from its own.
+        assign_weights(nn.ModuleDict(dict(projector=model.projector, llm=model.llm)), weights, key_map,
+                       dtype, device, what="LLaVA language model and projector")
+        model.vision = vision
+        return model.requires_grad_(False)
+
+    @classmethod
+    def _from_llava_hf(cls, cfg, weights, dtype, device):
+        """transformers' layout: `vision_tower.[vision_model.]*`, `multi_modal_projector.linear_{1,2}`,
+        `language_model.model.*` and `language_model.lm_head` (transformers >= 4.52 may write
+        `model.vision_tower`, `model.multi_modal_projector`, `model.language_model` and `lm_head`)."""
+        if cfg.get("vision_feature_select_strategy", "default") != "default":
+            raise CheckpointError(f"{weights.folder}: vision_feature_select_strategy "
+                                  f"{cfg['vision_feature_select_strategy']!r} is not supported (LLaVA drops the "
+                                  f"class token: 'default')")
+        layer = cfg.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise CheckpointError(f"{weights.folder}: vision_feature_layer {layer!r}: only one layer is supported")
+        config = QilinConfig(projector="mlp2x_gelu", select_layer=layer, image_fit="pad", style="release",
+                             vision=VisionArgs.from_hf_config(cfg["vision_config"]),
+                             llm=LlamaArgs.from_hf_config(cfg["text_config"]))
+        with torch.device("meta"):
+            model = cls(config)
+        assign_weights(model, weights, llava_hf_key, dtype, device, what="llava-hf model")
+        return model.requires_grad_(False)
+
+
+def llava_hf_key(key):
+    """llava-hf checkpoint key -> our parameter name (None: ignore)."""
+    key = key.removeprefix("model.")  # transformers >= 4.52 nests the towers under `model.`
+    if key.startswith("vision_tower."):
+        name = clip_key(key.removeprefix("vision_tower."))
+        return name and "vision." + name
+    if key.startswith("multi_modal_projector."):
+        return "projector." + key.removeprefix("multi_modal_projector.").replace("linear_1", "0").replace("linear_2", "2")
+    if key.startswith("language_model."):
+        key = key.removeprefix("language_model.")
+    name = llama_key(key)
+    return name and "llm." + name
+
+
+def check_vision(found, expected, path):
+    """A vision folder must have the width and patch count the adapter was trained for."""
+    if (found.dim, found.num_patches) != (expected.dim, expected.num_patches):
+        raise CheckpointError(f"{path}: vision tower gives {found.num_patches} patches of width {found.dim}, but the "
+                              f"model expects {expected.num_patches} of width {expected.dim}")
+
+
+def load_projector(projector, path, dtype=None, device=None):
+    """The adapter from stage 1's output folder, or from LLaVA's `mm_projector.bin`."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "projector.safetensors")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: no projector.safetensors (is this a stage-1 output folder?)")
+        tensors, key_map = read_safetensors(file), lambda k: k
+    else:  # LLaVA names them `model.mm_projector.0.weight`, ...
+        file, tensors, key_map = path, read_bin(path), lambda k: k.split("mm_projector.")[-1]
+    weights = Weights(tensors, {k: os.path.basename(file) for k in tensors}, os.path.dirname(file))
+    assign_weights(projector, weights, key_map, dtype, device, what="projector")
+
+
+if __name__ == "__main__":
+    # A random demo-size model: where the image features go and what comes out.
+    config = QilinConfig(vision=VisionArgs.preset("demo"), llm=LlamaArgs.preset("demo"))
+    model = QilinMedVL(config).eval()
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 29871, 13, 100, 200]]) % config.llm.vocab_size
+    ids[0, 1] = IMAGE_TOKEN_INDEX
+    pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size)
+    with torch.no_grad():
+        logits, _ = model(ids, pixels)
+    print(f"{ids.shape[1]} tokens with 1 image placeholder -> {logits.shape[1]} positions "
+          f"({model.num_image_tokens} image features), logits {tuple(logits.shape)}")

@@ -140,7 +140,9 @@ class VisionTransformer(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(args.dim, eps=args.norm_eps)  # sic: the checkpoint's spelling
         # A dict so the parameter names read `encoder.layers.N.*`, as in the checkpoint.
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(args) for _ in range(args.n_layers))})
-        # CLIP's post_layernorm only serves the pooled class token, which LLaVA never uses: not built.
+        # CLIP's post_layernorm only serves the pooled class token, which LLaVA never uses. It is
+        # kept so that a tower loads and exports (model.export_llava_hf) with every official tensor.
+        self.post_layernorm = nn.LayerNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, pixel_values, select_layer=-2):
         """(B, 3, S, S) pixels -> (B, num_patches, dim) patch features.
@@ -168,8 +170,7 @@ class VisionTransformer(nn.Module):
 
 
 # Checkpoint keys that are not part of the vision feature path, ignored on purpose.
-CLIP_IGNORED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale",
-                "post_layernorm.", "embeddings.position_ids")
+CLIP_IGNORED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "embeddings.position_ids")
 
 
 def clip_key(key):
