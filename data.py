@@ -1,0 +1,576 @@
+"""What the model sees: images, prompts, dialog templates, samples and batches.
+
+Implements the data side of Qilin-Med-VL (Liu et al., 2023):
+- section 3.3 "Data processing": several images that belong to one text are concatenated into
+  one composite image, horizontally or vertically, whichever keeps the aspect ratio less extreme;
+  samples with more than 4 images or with overly short text are discarded; the paper's prompt
+  templates (appendix A.1, in prompts/) turn captions and questions into dialog.
+- section 4.2 "Training": stage 1 (feature alignment) learns to caption an image after one of 22
+  alignment prompts; stage 2 (instruction tuning) answers a question wrapped in one of 7
+  instruction prompts. The released code used LLaVA's `plain` and `v1` templates instead;
+  `style="release"` selects those, `style="paper"` (the default) the paper's prompts.
+
+The text side follows LLaVA's conventions, so that LLaVA / ChiMed-VL json files load as they are
+and the released weights see the token sequences they were trained on: one `<image>` placeholder
+per image becomes the id IMAGE_TOKEN_INDEX here and is expanded to the image's features in model.py.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold (about 9459 x 9459); larger is refused
+MAX_IMAGES = 4  # paper 3.3: samples with more images are excluded
+IMAGE = "<image>"  # the placeholder in text
+
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+ALIGNMENT_PROMPTS = json.loads((PROMPT_DIR / "alignment.json").read_text(encoding="utf-8"))  # 22
+INSTRUCTION_PROMPTS = json.loads((PROMPT_DIR / "instruction.json").read_text(encoding="utf-8"))  # 7
+TEMPLATES = json.loads((PROMPT_DIR / "templates.json").read_text(encoding="utf-8"))
+# which dialog template each stage renders into, per style (see SPEC section 2)
+STAGE_TEMPLATE = {(1, "paper"): "v1", (2, "paper"): "v1", (1, "release"): "plain", (2, "release"): "v1"}
+
+
+# ----------------------------------------------------------------------------- images
+
+class ImageError(ValueError):
+    """An image file that cannot be used: missing, corrupt, not an image, or too large."""
+
+
+class TooManyImages(ValueError):
+    """More images for one text than the composite takes (paper 3.3: the sample is excluded)."""
+
+
+def load_image(path, max_pixels=MAX_IMAGE_PIXELS):
+    """Read any image file Pillow knows as an upright 8-bit RGB image, or raise ImageError."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its limit; we refuse both the same way
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:  # reads the header only
+                if opened.width * opened.height > max_pixels:
+                    raise ImageError(f"{path}: {opened.width}x{opened.height} pixels is over the limit of "
+                                     f"{max_pixels} (a decompression bomb?)")
+                opened.load()  # decodes now, so a truncated file fails here and not later
+                image = ImageOps.exif_transpose(opened)  # phone and scanner photos store rotation in EXIF
+            return _to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path}: not an image file (Pillow cannot identify it)") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
+
+
+def _to_rgb(image):
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float images (CT, MRI exports) are stretched from their own min..max to 0..255:
+        # exporters often fill only 12 of 16 bits, so dividing by 65535 would leave them nearly black
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = a.min(), a.max()
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # transparent pixels become white (as on a page), never an arbitrary hidden colour
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def concat_images(images):
+    """Paper 3.3: 1..4 images -> one composite, side by side or stacked, the less elongated one."""
+    if not images:
+        raise ValueError("concat_images needs at least one image")
+    if len(images) > MAX_IMAGES:
+        raise TooManyImages(f"{len(images)} images for one sample; at most {MAX_IMAGES} are concatenated")
+    if len(images) == 1:
+        return images[0]
+    # aspect ratio (w/h) of the composite, whatever common height or width is chosen:
+    # side by side it is sum(w_i/h_i), stacked it is 1 / sum(h_i/w_i)
+    wide = sum(im.width / im.height for im in images)
+    tall = 1.0 / sum(im.height / im.width for im in images)
+    horizontal = max(wide, 1 / wide) <= max(tall, 1 / tall)
+    if horizontal:  # equalise heights to the tallest image
+        h = max(im.height for im in images)
+        parts = [im.resize((max(1, round(im.width * h / im.height)), h), Image.BICUBIC) for im in images]
+        canvas = Image.new("RGB", (sum(p.width for p in parts), h))
+    else:  # equalise widths to the widest image
+        w = max(im.width for im in images)
+        parts = [im.resize((w, max(1, round(im.height * w / im.width))), Image.BICUBIC) for im in images]
+        canvas = Image.new("RGB", (w, sum(p.height for p in parts)))
+    offset = 0
+    for p in parts:
+        canvas.paste(p, (offset, 0) if horizontal else (0, offset))
+        offset += p.width if horizontal else p.height
+    return canvas
+
+
+def preprocess_image(image, size=336, mode="pad"):
+    """RGB PIL image -> CLIP input (3, size, size), as SPEC section 4 "preprocessing" states."""
+    w, h = image.size
+    if mode == "pad":  # LLaVA's expand2square: centre on a mean-coloured square, then resize
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), PAD_COLOR)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas.resize((size, size), Image.BICUBIC)
+    elif mode == "crop":  # CLIP's recipe: shortest side to `size`, then the centre square
+        short, long = min(w, h), max(w, h)
+        long = int(size * long / short)  # truncated, as CLIPImageProcessor does
+        new_w, new_h = (size, long) if w <= h else (long, size)
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        raise ValueError(f"image fit mode must be 'pad' or 'crop', got {mode!r}")
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3) in 0..1
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, S, S)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """A SentencePiece model with LLaMA's special ids (unk 0, bos 1, eos 2)."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no SentencePiece tokenizer.model here")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # LLaMA-2 defines no pad piece (pad_id() == -1); like LLaVA we pad with unk. The value never
+        # matters: pads come after every real token and their labels are IGNORE_INDEX.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.sp.unk_id(), 0)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text, bos=False, eos=False):
+        # SentencePiece adds its "dummy prefix" (a leading ▁) to every call, as LLaMA's tokenizer does
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i >= 0])  # image placeholders and ignore labels are not text
+
+
+def train_tokenizer(texts, model_prefix, vocab_size):
+    """Train a small BPE SentencePiece model laid out like LLaMA-2's; writes {model_prefix}.model/.vocab."""
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]  # "\n" is a byte piece
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(model_prefix), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        normalization_rule_name="identity",  # exact round trips, full-width punctuation kept
+        split_digits=True, remove_extra_whitespaces=False, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # as LLaMA-2: no pad piece, Tokenizer pads with unk
+        num_threads=1, minloglevel=2)
+    return f"{model_prefix}.model"
+
+
+# ----------------------------------------------------------------------------- prompts and templates
+
+def _strip_image(text):
+    """Remove every <image> placeholder together with the newline that joins it to the text."""
+    return text.replace(IMAGE + "\n", "").replace("\n" + IMAGE, "").replace(IMAGE, "").strip()
+
+
+def wrap_question(question, prompt_index=0, with_image=True):
+    """Paper stage 2: put a question into instruction prompt `prompt_index`, which places <image>."""
+    prompt = INSTRUCTION_PROMPTS[prompt_index]
+    if not with_image:
+        prompt = _strip_image(prompt)
+    return prompt.replace("<question>", _strip_image(question))
+
+
+def _one_placeholder(turns, has_image):
+    """Exactly one <image> for a sample with images (they become one composite), none without."""
+    placed = False
+    out = []
+    for turn in turns:
+        value = turn["value"]
+        if has_image and not placed and turn["from"] == "human" and IMAGE in value:
+            head, _, tail = value.partition(IMAGE)  # keep the first where it stood
+            value, placed = head + IMAGE + tail.replace(IMAGE + "\n", "").replace(IMAGE, ""), True
+        elif IMAGE in value:
+            value = _strip_image(value)
+        out.append({"from": turn["from"], "value": value.strip()})
+    if has_image and not placed:
+        out[0]["value"] = IMAGE + "\n" + out[0]["value"]  # LLaVA's default place
+    return out
+
+
+def build_conversation(record, stage, style="paper", rng=None):
+    """A record's turns as the given stage and style present them (rng picks paper prompts)."""
+    has_image = bool(image_files(record))
+    turns = _one_placeholder(record["conversations"], has_image)
+    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
+    if stage == 1:  # feature alignment: the caption is the answer
+        caption = next(t["value"] for t in turns if t["from"] == "gpt")
+        if style == "release":  # `plain`: the image alone, then the caption
+            human = IMAGE if has_image else ""
+        else:
+            human = ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
+            human = human if has_image else _strip_image(human)
+        return [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]
+    if style == "release":
+        return turns
+    out = []
+    for turn in turns:  # paper: every question wrapped; only the first carries the image
+        if turn["from"] == "human":
+            with_image = has_image and not out
+            turn = {"from": "human", "value": wrap_question(turn["value"], pick(len(INSTRUCTION_PROMPTS)), with_image)}
+        out.append(turn)
+    return out
+
+
+def _encode_with_images(text, tokenizer):
+    """Text with <image> placeholders -> ids; each chunk between placeholders is encoded on its own."""
+    ids = []
+    for k, chunk in enumerate(text.split(IMAGE)):
+        if k:
+            ids.append(IMAGE_TOKEN_INDEX)
+        if chunk:
+            ids.extend(tokenizer.encode(chunk))
+    return ids
+
+
+def render(conversation, tokenizer, template="v1"):
+    """Turns -> (input_ids, labels); only assistant answers (and their EOS) are learned.
+
+    Each turn is one segment, encoded on its own and given its own mask, so labels can never drift
+    from the tokens. Segments meet at a space or after EOS, where SentencePiece starts a new word
+    anyway, so the ids equal LLaVA's encoding of the whole prompt. A conversation ending with a
+    human turn renders the generation prompt, up to and including "ASSISTANT:".
+    """
+    tpl = TEMPLATES[template]
+    if not conversation:
+        raise ValueError("empty conversation")
+    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]  # BOS once, at the very start
+    for k, turn in enumerate(conversation):
+        role = "human" if k % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != role or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {k} should be a {role} turn with a string value, got {turn!r:.80}")
+        value = turn["value"].strip()
+        if role == "human":
+            layout = tpl["first_user"] if k == 0 else tpl["user"]
+            segment = _encode_with_images(layout.format(system=tpl["system"], message=value), tokenizer)
+            ids += segment
+            labels += [IGNORE_INDEX] * len(segment)
+        else:
+            if IMAGE in value:
+                raise ValueError(f"turn {k}: an answer cannot hold an {IMAGE} placeholder")
+            segment = tokenizer.encode(tpl["assistant"].format(message=value), eos=tpl["eos_after_answer"])
+            ids += segment
+            labels += segment
+    return ids, labels
+
+
+def expanded_length(ids, num_image_tokens):
+    """Sequence length once each placeholder has become num_image_tokens features."""
+    n_images = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+    return len(ids) - n_images + n_images * num_image_tokens
+
+
+# ----------------------------------------------------------------------------- dataset
+
+def image_files(record):
+    """The record's image file names as a list ([] for a text-only record)."""
+    image = record.get("image")
+    if image is None or image == "":
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def read_records(path):
+    """A LLaVA / ChiMed-VL file: a JSON list, or JSONL (one record a line; a bad line becomes None)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append(None)  # excluded later as malformed, with the line's index
+    return records
+
+
+def _schema_problem(record):
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "'conversations' is missing or not a non-empty list"
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") not in ("human", "gpt") or not isinstance(t.get("value"), str):
+            return f"turn {k} must be {{'from': 'human'|'gpt', 'value': str}}"
+    if not any(t["from"] == "gpt" for t in turns):
+        return "no 'gpt' turn to learn from"
+    image = record.get("image")
+    if not (image is None or isinstance(image, str) or
+            (isinstance(image, list) and all(isinstance(p, str) and p for p in image))):
+        return "'image' must be a file name or a list of file names"
+    return None
+
+
+class ChiMedDataset(torch.utils.data.Dataset):
+    """LLaVA-format records -> rendered token ids, labels and one preprocessed (composite) image.
+
+    Records are checked, rendered and measured once here, so exclusions are known before training
+    and counted in self.skipped by reason. Images are read in __getitem__; one that turns out to be
+    unreadable there makes __getitem__ return None (with a warning) and `collate` drops it, so a bad
+    file cannot stop an epoch. With DataLoader workers that count lives in the worker's copy; the
+    trainer sees the drops as each batch's n_dropped.
+    """
+
+    def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
+                 image_fit="pad", max_length=2048, num_image_tokens=576, seed=0, strict=False,
+                 min_answer_chars=2):
+        # min_answer_chars=2: an answer of 0-1 characters ("", ".", "A") marks a broken record, while
+        # short real answers such as "是。" pass; raise it to filter short captions harder.
+        if (stage, style) not in STAGE_TEMPLATE:
+            raise ValueError(f"stage must be 1 or 2 and style 'paper' or 'release', got {stage!r}, {style!r}")
+        self.data_path, self.image_root, self.tokenizer = str(data_path), str(image_root), tokenizer
+        self.stage, self.style, self.template = stage, style, STAGE_TEMPLATE[(stage, style)]
+        self.image_size, self.image_fit, self.seed = image_size, image_fit, seed
+        self.max_length, self.num_image_tokens, self.strict = max_length, num_image_tokens, strict
+        self.min_answer_chars = min_answer_chars
+        self.records = read_records(data_path)
+        self.skipped = Counter()
+        self.kept, self.cuts, self.lengths = [], [], []  # record index, ids kept, expanded length
+        for index, record in enumerate(self.records):
+            reason, detail, cut, length = self._check(index, record)
+            if reason:
+                self._exclude(index, record, reason, detail)
+            else:
+                self.kept.append(index)
+                self.cuts.append(cut)
+                self.lengths.append(length)
+
+    def _render(self, index):
+        # the paper prompt for record i is seeded by (seed, i): the same whatever order or worker
+        rng = np.random.default_rng([self.seed, index])
+        turns = build_conversation(self.records[index], self.stage, self.style, rng)
+        return render(turns, self.tokenizer, self.template)
+
+    def _check(self, index, record):
+        """(reason, detail, cut, expanded length): reason is None for a sample to keep."""
+        problem = _schema_problem(record)
+        if problem:
+            return "malformed", problem, 0, 0
+        files = image_files(record)
+        if len(files) > MAX_IMAGES:
+            return "too_many_images", f"{len(files)} images (at most {MAX_IMAGES})", 0, 0
+        missing = [f for f in files if not os.path.isfile(os.path.join(self.image_root, f))]
+        if missing:
+            return "missing_image", f"{os.path.join(self.image_root, missing[0])} does not exist", 0, 0
+        short = [t["value"] for t in record["conversations"]
+                 if t["from"] == "gpt" and len(t["value"].strip()) < self.min_answer_chars]
+        if short:
+            return "too_short", f"answer {short[0]!r} is under {self.min_answer_chars} characters", 0, 0
+        try:
+            ids, labels = self._render(index)
+        except ValueError as e:
+            return "malformed", str(e), 0, 0
+        # truncate AFTER counting image features; never cut into an image, keep something to learn
+        cut, total = len(ids), 0
+        for n, i in enumerate(ids):
+            total += self.num_image_tokens if i == IMAGE_TOKEN_INDEX else 1
+            if total > self.max_length:
+                cut = n
+                break
+        if IMAGE_TOKEN_INDEX in ids[cut:] or all(x == IGNORE_INDEX for x in labels[:cut]):
+            return "too_long", (f"{expanded_length(ids, self.num_image_tokens)} tokens with image features; "
+                                f"no learned token fits in max_length={self.max_length}"), 0, 0
+        return None, "", cut, expanded_length(ids[:cut], self.num_image_tokens)
+
+    def _exclude(self, index, record, reason, detail):
+        name = record.get("id", "?") if isinstance(record, dict) else "?"
+        if self.strict:
+            raise ValueError(f"{self.data_path}: sample {index} (id {name!r}) excluded: {reason}: {detail}")
+        self.skipped[reason] += 1
+
+    def report(self):
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items())) or "none"
+        return (f"{self.data_path}: kept {len(self.kept)} of {len(self.records)} records "
+                f"(stage {self.stage}, {self.style} style, template {self.template}); skipped: {skipped}")
+
+    def __len__(self):
+        return len(self.kept)
+
+    def __getitem__(self, k):
+        index = self.kept[k]
+        record = self.records[index]
+        ids, labels = self._render(index)
+        ids, labels = ids[:self.cuts[k]], labels[:self.cuts[k]]  # already fits after expansion
+        files = image_files(record)
+        try:
+            images = [load_image(os.path.join(self.image_root, f)) for f in files]
+            pixels = [preprocess_image(concat_images(images), self.image_size, self.image_fit)] if files else []
+        except ImageError as e:
+            self.skipped["unreadable_image"] += 1
+            warnings.warn(f"skipping sample {index} (id {record.get('id')!r}): {e}")
+            return None
+        return dict(input_ids=torch.tensor(ids, dtype=torch.long),  # (T,)
+                    labels=torch.tensor(labels, dtype=torch.long),  # (T,)
+                    pixel_values=torch.stack(pixels) if pixels else
+                    torch.zeros(0, 3, self.image_size, self.image_size),  # (n_img, 3, S, S), n_img 0 or 1
+                    id=record.get("id", index))
+
+
+def collate(batch, pad_id):
+    """Samples -> a right-padded batch; None samples (unreadable images) are dropped and counted.
+
+    If every sample was dropped the batch has B = 0 and the training loop should skip it.
+    """
+    samples = [s for s in batch if s is not None]
+    T = max((len(s["input_ids"]) for s in samples), default=0)
+    input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(len(samples), T, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], True
+    pixels = [s["pixel_values"] for s in samples]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,  # (B, T) each
+                pixel_values=torch.cat(pixels) if pixels else torch.zeros(0, 3, 1, 1),  # (N_images, 3, S, S)
+                ids=[s["id"] for s in samples], n_dropped=len(batch) - len(samples))
+
+
+# ----------------------------------------------------------------------------- batching
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Batches of similar length, so little compute goes to padding; a pure function of the epoch.
+
+    Each epoch: shuffle (seeded by seed and epoch), cut into mega-batches of K global batches,
+    sort each by length, split into global batches of batch_size * num_replicas (one batch per
+    rank), shuffle the order of the global batches. This rank's indices come batch by batch, so
+    consecutive runs of batch_size indices are one batch, and a resumed trainer may skip batches.
+    When the data does not divide into global batches, the first indices of the shuffled order are
+    repeated to fill the last one (drop_last=True drops the remainder instead).
+    """
+
+    def __init__(self, lengths, batch_size, num_replicas=1, rank=0, seed=0, drop_last=False, mega_batch_mult=50):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
+        self.seed, self.mega_batch_mult, self.epoch = seed, mega_batch_mult, 0
+        self.global_batch = batch_size * num_replicas
+        n_batches = len(self.lengths) // self.global_batch if drop_last else math.ceil(len(self.lengths) / self.global_batch)
+        self.total = n_batches * self.global_batch  # indices per epoch over all ranks
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.total // self.num_replicas
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = np.resize(rng.permutation(len(self.lengths)), self.total)  # resize repeats from the start
+        mega = self.global_batch * self.mega_batch_mult
+        batches = []
+        for start in range(0, self.total, mega):
+            chunk = order[start:start + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]  # longest first
+            batches += [chunk[b:b + self.global_batch] for b in range(0, len(chunk), self.global_batch)]
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for b in rng.permutation(len(batches)):
+            yield from batches[b][mine].tolist()
+
+
+# ----------------------------------------------------------------------------- PMC-VQA
+
+def pmc_vqa_to_records(csv_path):
+    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records.
+
+    The question shows the choices; the answer is the answer text; choices and label are kept
+    for closed-set scoring. Malformed rows are skipped and reported in one warning.
+    """
+    records, bad = [], []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
+            try:
+                choices = {}
+                for letter in "ABCD":
+                    value = (row.get(f"Choice {letter}") or "").strip()
+                    if value:  # "A:text" or " A: text" -> "text"
+                        choices[letter] = value[2:].strip() if value[:2].upper() == f"{letter}:" else value
+                figure, question = (row.get("Figure_path") or "").strip(), (row.get("Question") or "").strip()
+                answer, label = (row.get("Anwser") or "").strip(), (row.get("Answer_label") or "").strip()
+                if not (figure and question and answer) or label not in choices:
+                    raise ValueError("empty figure, question or answer, or a label that is not a choice")
+            except (ValueError, AttributeError) as e:
+                bad.append(f"row {row_number}: {e}")
+                continue
+            lines = "\n".join(f"{k}: {v}" for k, v in choices.items())
+            records.append({
+                "id": f"pmc_vqa_{row_number}", "image": figure,
+                "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}\n{lines}"},
+                                  {"from": "gpt", "value": answer}],
+                "choices": choices, "answer_label": label, "caption": (row.get("Caption") or "").strip()})
+    if bad:
+        warnings.warn(f"{csv_path}: skipped {len(bad)} malformed rows, e.g. {bad[0]}")
+    return records
+
+
+# ----------------------------------------------------------------------------- demo
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+def build_demo_tokenizer(vocab_size=1500):
+    """samples/tokenizer.model from every text the demo shows the model, plus some English."""
+    texts = [TEMPLATES["v1"]["system"], "USER: ASSISTANT:"]
+    texts += [_strip_image(p).replace("<question>", "") for p in ALIGNMENT_PROMPTS + INSTRUCTION_PROMPTS]
+    for name in ("stage1.json", "stage2.json"):
+        texts += [_strip_image(t["value"]) for r in read_records(SAMPLES / name) for t in r["conversations"]]
+    texts += (SAMPLES / "extra_text.txt").read_text(encoding="utf-8").splitlines()
+    return train_tokenizer(texts, SAMPLES / "tokenizer", vocab_size)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Show how a demo sample is rendered, or build demo files.")
+    parser.add_argument("--build-demo-tokenizer", action="store_true", help="retrain samples/tokenizer.model")
+    parser.add_argument("--pmc-vqa", nargs=2, metavar=("CSV", "OUT_JSON"), help="convert PMC-VQA to records")
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--style", default="paper", choices=("paper", "release"))
+    args = parser.parse_args()
+    if args.build_demo_tokenizer:
+        print("wrote", build_demo_tokenizer())
+    elif args.pmc_vqa:
+        records = pmc_vqa_to_records(args.pmc_vqa[0])
+        Path(args.pmc_vqa[1]).write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+        print(f"wrote {len(records)} records to {args.pmc_vqa[1]}")
+    else:
+        tok = Tokenizer(SAMPLES / "tokenizer.model")
+        ds = ChiMedDataset(data_path=SAMPLES / f"stage{args.stage}.json", image_root=SAMPLES / "images",
+                           tokenizer=tok, stage=args.stage, style=args.style)
+        print(ds.report())
+        sample = ds[0]
+        print(f"id {sample['id']}: pixel_values {tuple(sample['pixel_values'].shape)}, "
+              f"{len(sample['input_ids'])} ids, {ds.lengths[0]} after image expansion")
+        for i, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist()):
+            piece = "<image>" if i == IMAGE_TOKEN_INDEX else tok.sp.id_to_piece(i)
+            print(f"{i:6d} {piece!r:14} {'learned' if label != IGNORE_INDEX else ''}")
