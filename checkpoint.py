@@ -126,13 +126,15 @@ def read_safetensors(path):
 def read_bin(path):
     """One PyTorch .bin shard, memory-mapped, unpickling tensors only (weights_only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # old non-zip files cannot be mapped: read them whole
-            raise CheckpointError(f"{path}: cannot be read ({e})") from None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in the old, non-zip format cannot be mapped: read them whole
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]})") from None
 
 
 def read_weights(folder):
