@@ -1,0 +1,499 @@
+"""Tests for data.py on real images and a real LLaMA-style tokenizer (CPU, a few seconds)."""
+
+import json
+import struct
+import sys
+import warnings
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, TEMPLATES, ChiMedDataset,  # noqa: E402
+                  ImageError, LengthGroupedSampler, Tokenizer, TooManyImages, build_conversation, collate,
+                  concat_images, load_image, pmc_vqa_to_records, preprocess_image, render, wrap_question)
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+
+IMAGES = ROOT / "samples" / "images"
+SYSTEM = TEMPLATES["v1"]["system"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(ROOT / "tests" / "data" / "mistral-7b-v0.1.model")
+
+
+@pytest.fixture(scope="module")
+def demo_tok():
+    return Tokenizer(ROOT / "samples" / "tokenizer.model")
+
+
+def human(v):
+    return {"from": "human", "value": v}
+
+
+def gpt(v):
+    return {"from": "gpt", "value": v}
+
+
+def learned_runs(ids, labels):
+    """The contiguous runs of learned tokens; a learned label must equal its input id."""
+    runs, run = [], []
+    for i, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == i
+            run.append(i)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + [run] if run else runs
+
+
+def llava_reference(prompt, tok):
+    """What LLaVA's tokenizer_image_token gives with a legacy LLaMA tokenizer: the prompt string is
+    split at <image> and at the special token "</s>", and each piece is encoded on its own."""
+    ids = [tok.bos_id]
+    for k, part in enumerate(prompt.split("<image>")):
+        if k:
+            ids.append(IMAGE_TOKEN_INDEX)
+        for j, piece in enumerate(part.split("</s>")):
+            if j:
+                ids.append(tok.eos_id)
+            if piece:
+                ids += tok.sp.encode(piece)
+    return ids
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def test_v1_single_turn_learns_only_the_answer(tok):
+    conv = [human("<image>\nWhat is shown?"), gpt("A frontal chest X-ray.")]
+    ids, labels = render(conv, tok, "v1")
+    assert len(ids) == len(labels)
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1
+    prefix = tok.sp.encode(SYSTEM + " USER: ")  # LLaVA's first chunk, before the placeholder
+    assert ids[1:1 + len(prefix)] == prefix and ids[1 + len(prefix)] == IMAGE_TOKEN_INDEX
+    runs = learned_runs(ids, labels)
+    assert len(runs) == 1 and runs[0][-1] == tok.eos_id
+    assert tok.decode(runs[0][:-1]) == "A frontal chest X-ray."
+    assert ids == llava_reference(f"{SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A frontal chest X-ray.</s>", tok)
+
+
+def test_v1_multi_turn_chinese(tok):
+    answers = ["胸部X光片。", "否。", "The heart looks normal."]
+    conv = [human("<image>\n这是什么类型的医学影像？"), gpt(answers[0]),
+            human("这是超声图像吗？"), gpt(answers[1]), human("Heart?"), gpt(answers[2])]
+    ids, labels = render(conv, tok, "v1")
+    runs = learned_runs(ids, labels)
+    assert [tok.decode(r[:-1]) for r in runs] == answers
+    assert all(r[-1] == tok.eos_id for r in runs)
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1 and ids.count(tok.bos_id) == 1
+    prompt = (f"{SYSTEM} USER: <image>\n这是什么类型的医学影像？ ASSISTANT: {answers[0]}</s>"
+              f"USER: 这是超声图像吗？ ASSISTANT: {answers[1]}</s>USER: Heart? ASSISTANT: {answers[2]}</s>")
+    assert ids == llava_reference(prompt, tok)
+
+
+def test_plain_learns_caption_and_newline(tok):
+    ids, labels = render([human("<image>"), gpt("一张正位胸部X光片。")], tok, "plain")
+    assert ids[:2] == [tok.bos_id, IMAGE_TOKEN_INDEX] and labels[:2] == [IGNORE_INDEX] * 2
+    assert ids[2:] == tok.sp.encode("一张正位胸部X光片。\n") == labels[2:]
+    assert tok.decode(ids[2:]) == "一张正位胸部X光片。\n"
+    assert tok.eos_id not in ids
+
+
+def test_generation_prompt_is_the_training_prefix(tok):
+    conv = [human("<image>\n这是什么类型的医学影像？"), gpt("头部CT。"), human("这是CT图像吗？")]
+    ids, labels = render(conv, tok, "v1")
+    tail = tok.sp.encode("ASSISTANT:")
+    assert ids[-len(tail):] == tail
+    assert all(label == IGNORE_INDEX for label in labels[-len(tail):])
+    assert len(learned_runs(ids, labels)) == 1  # only the first, answered turn
+    full, _ = render(conv + [gpt("是。")], tok, "v1")
+    assert full[:len(ids)] == ids  # chat sees exactly what training saw
+    prompt, prompt_labels = render(conv[:1], tok, "v1")
+    assert set(prompt_labels) == {IGNORE_INDEX}
+
+
+@pytest.mark.parametrize("conv", [[], [gpt("a")], [human("q"), human("q")], [human("q"), gpt("<image> a")],
+                                  [human("q"), {"from": "gpt", "value": 3}]])
+def test_render_rejects_bad_turns(tok, conv):
+    with pytest.raises(ValueError):
+        render(conv, tok, "v1")
+
+
+def test_paper_style_prompts_from_files_and_seeded():
+    record = {"id": "x", "image": "a.png", "conversations": [human("<image>\n图中显示的是哪个部位？"), gpt("胸部。"),
+                                                            human("<image>这是超声图像吗？"), gpt("否。")]}
+    stage1 = build_conversation(record, 1, "paper", np.random.default_rng([0, 7]))
+    assert stage1[0]["value"] in ALIGNMENT_PROMPTS and stage1[1]["value"] == "胸部。"
+    assert stage1 == build_conversation(record, 1, "paper", np.random.default_rng([0, 7]))
+    picks = {build_conversation(record, 1, "paper", np.random.default_rng([0, i]))[0]["value"] for i in range(40)}
+    assert len(picks) > 5
+    stage2 = build_conversation(record, 2, "paper", np.random.default_rng([0, 7]))
+    wrapped = [INSTRUCTION_PROMPTS[k].replace("<question>", "图中显示的是哪个部位？") for k in range(7)]
+    assert stage2[0]["value"] in wrapped
+    assert "<image>" not in stage2[2]["value"] and "这是超声图像吗？" in stage2[2]["value"]
+    assert stage2[1:4:2] == [gpt("胸部。"), gpt("否。")]
+    assert wrap_question("<image>\n哪个部位？", 5) == "哪个部位？\n请根据图中内容尽量简洁作答。\n<image>"
+    assert wrap_question("哪个部位？", 0, with_image=False) == "哪个部位？\n请尽量简洁地回答。"
+    release = build_conversation(record, 1, "release")
+    assert release == [human("<image>"), gpt("胸部。")]
+
+
+def test_dataset_paper_prompts_are_reproducible(demo_tok):
+    kwargs = dict(data_path=ROOT / "samples" / "stage2.json", image_root=IMAGES, tokenizer=demo_tok, stage=2)
+    a = ChiMedDataset(**kwargs, seed=0)
+    b = ChiMedDataset(**kwargs, seed=0)
+    c = ChiMedDataset(**kwargs, seed=1)
+    ids = lambda ds: [ds._render(i)[0] for i in ds.kept]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert a.lengths == b.lengths
+
+
+def test_one_placeholder_per_sample(demo_tok, tmp_path):
+    records = [
+        {"id": "two", "image": ["chest_xray.png", "head_ct.png"],
+         "conversations": [human("看<image>和<image>\n哪张是CT？"), gpt("第二张。")]},
+        {"id": "none-in-text", "image": "head_ct.png", "conversations": [human("哪个部位？"), gpt("头部。")]},
+        {"id": "text-only", "conversations": [human("<image>\n什么是CT？"), gpt("计算机断层扫描。")]},
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    ds = ChiMedDataset(data_path=path, image_root=IMAGES, tokenizer=demo_tok, stage=2, style="release")
+    assert len(ds) == 3
+    n_images = [(s["input_ids"] == IMAGE_TOKEN_INDEX).sum().item() for s in ds]
+    assert n_images == [1, 1, 0]
+    assert [tuple(s["pixel_values"].shape) for s in ds] == [(1, 3, 336, 336)] * 2 + [(0, 3, 336, 336)]
+    turns = build_conversation(records[0], 2, "release")
+    assert turns[0]["value"] == "看<image>和哪张是CT？"  # the first stays, the others go
+    assert build_conversation(records[1], 2, "release")[0]["value"] == "<image>\n哪个部位？"
+
+
+# ----------------------------------------------------------------------------- images
+
+def reference_pixels(image, size, mode):
+    """CLIP input computed another way: numpy canvas / slicing around Pillow's resize, torch maths."""
+    a = np.asarray(image)
+    h, w = a.shape[:2]
+    if mode == "pad":
+        side = max(h, w)
+        canvas = np.empty((side, side, 3), np.uint8)
+        canvas[:] = (122, 116, 104)
+        canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = a
+        a = np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
+    else:
+        scale = size / min(h, w)
+        new_w, new_h = (size, int(h * scale)) if w <= h else (int(w * scale), size)
+        a = np.asarray(Image.fromarray(a).resize((new_w, new_h), Image.BICUBIC))
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        a = a[top:top + size, left:left + size]
+    t = torch.from_numpy(a.copy()).permute(2, 0, 1).double() / 255
+    return ((t - torch.tensor(CLIP_MEAN).double()[:, None, None]) / torch.tensor(CLIP_STD).double()[:, None, None]).float()
+
+
+@pytest.mark.parametrize("name", ["chest_xray.png", "bone_scan.png", "echocardiogram.png", "ct_small_16bit.png",
+                                  "retina_fundus.jpg"])
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_preprocess_matches_reference(name, mode):
+    image = load_image(IMAGES / name)
+    x = preprocess_image(image, 336, mode)
+    assert x.shape == (3, 336, 336) and x.dtype == torch.float32
+    torch.testing.assert_close(x, reference_pixels(image, 336, mode), atol=1e-5, rtol=0)
+    if mode == "pad":  # the padding really has CLIP's mean colour, which normalises to about 0
+        if image.width != image.height:
+            assert x[:, 0, 0].abs().max() < 0.02
+
+
+def test_preprocess_matches_transformers_clip_processor():
+    transformers = pytest.importorskip("transformers")
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", None)
+    if processor_class is None:
+        pytest.skip("this transformers has no Pillow CLIP processor")
+    processor = processor_class(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    for name in ("echocardiogram.png", "bone_scan.png"):
+        image = load_image(IMAGES / name)
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(preprocess_image(image, 336, "crop"), theirs, atol=1e-5, rtol=0)
+
+
+def test_load_image_modes(tmp_path):
+    raw = np.asarray(Image.open(IMAGES / "ct_small_16bit.png")).astype(np.float64)
+    ct = load_image(IMAGES / "ct_small_16bit.png")
+    assert ct.mode == "RGB" and ct.size == (128, 128)
+    expected = np.round((raw - raw.min()) * 255 / (raw.max() - raw.min())).astype(np.uint8)
+    assert np.array_equal(np.asarray(ct)[..., 0], expected)
+    assert all(load_image(p).mode == "RGB" for p in IMAGES.iterdir())
+
+    rgb = Image.open(IMAGES / "echocardiogram.png").convert("RGB")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.new("L", rgb.size, 0))  # fully transparent -> white
+    rgba.save(tmp_path / "rgba.png")
+    assert np.all(np.asarray(load_image(tmp_path / "rgba.png")) == 255)
+    la = Image.open(IMAGES / "chest_xray.png").convert("LA")
+    la.save(tmp_path / "la.png")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "la.png"))[..., 0], np.asarray(la)[..., 0])
+    p = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    p.info["transparency"] = 0
+    p.save(tmp_path / "p.png", transparency=0)
+    loaded = np.asarray(load_image(tmp_path / "p.png"))
+    assert np.all(loaded[np.asarray(p) == 0] == 255)
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    cmyk = load_image(tmp_path / "cmyk.jpg")
+    assert cmyk.mode == "RGB" and np.abs(np.asarray(cmyk, float) - np.asarray(rgb, float)).mean() < 10
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rgb.save(tmp_path / "rotated.jpg", exif=exif)
+    assert rgb.size == (512, 384) and load_image(tmp_path / "rotated.jpg").size == (384, 512)
+
+
+def png_declaring(width, height):
+    """A tiny PNG whose header claims width x height pixels."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(ImageError, match="no such image file") as e:
+        load_image(tmp_path / "missing.png")
+    assert "missing.png" in str(e.value)
+    whole = (IMAGES / "chest_xray.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ImageError, match="truncated.png: corrupt or truncated"):
+        load_image(tmp_path / "truncated.png")
+    (tmp_path / "notes.png").write_text("these are not pixels")
+    with pytest.raises(ImageError, match="notes.png: not an image"):
+        load_image(tmp_path / "notes.png")
+    for side in (10_000, 40_000):  # Pillow warns at the first and refuses the second; both are ours
+        (tmp_path / f"bomb{side}.png").write_bytes(png_declaring(side, side))
+        with pytest.raises(ImageError, match="decompression bomb"):
+            load_image(tmp_path / f"bomb{side}.png")
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(IMAGES / "chest_xray.png", max_pixels=100_000)
+
+
+def test_concat_layouts():
+    echo, doppler = load_image(IMAGES / "echocardiogram.png"), load_image(IMAGES / "lymph_node_doppler_us.png")
+    bone, chest = load_image(IMAGES / "bone_scan.png"), load_image(IMAGES / "chest_xray.png")
+    ct = load_image(IMAGES / "ct_small_16bit.png")
+    wide = concat_images([echo, doppler])  # two 512x384 -> stacked, 512x768
+    assert wide.size == (512, 768)
+    assert np.array_equal(np.asarray(wide)[:384], np.asarray(echo))
+    assert np.array_equal(np.asarray(wide)[384:], np.asarray(doppler))
+    tall = concat_images([bone, bone])  # two 128x512 -> side by side, 256x512
+    assert tall.size == (256, 512)
+    assert np.array_equal(np.asarray(tall)[:, 128:], np.asarray(bone))
+    # 4 mixed: side by side has w/h = 482/512 + 128/512 + 512/384 + 1 = 3.52, stacked h/w = 6.8
+    mixed = concat_images([chest, bone, echo, ct])
+    assert mixed.size == (482 + 128 + 683 + 512, 512)
+    assert concat_images([ct]) is ct
+    with pytest.raises(TooManyImages):
+        concat_images([ct] * 5)
+    with pytest.raises(ValueError):
+        concat_images([])
+
+
+# ----------------------------------------------------------------------------- dataset
+
+@pytest.fixture
+def messy(tmp_path):
+    """A data folder with every kind of bad record next to good ones."""
+    for name in ("chest_xray.png", "head_ct.png", "bone_scan.png"):
+        (tmp_path / name).write_bytes((IMAGES / name).read_bytes())
+    whole = (IMAGES / "abdomen_ct.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[:len(whole) // 3])
+    long_answer = "这是一段很长的回答。" * 60
+    records = [
+        {"id": "good", "image": "chest_xray.png", "conversations": [human("<image>\n这是什么？"), gpt("胸部X光片。")]},
+        {"id": "missing", "image": "nowhere.png", "conversations": [human("<image>\n这是什么？"), gpt("胸部X光片。")]},
+        {"id": "five", "image": ["head_ct.png"] * 5, "conversations": [human("<image>\n这是什么？"), gpt("头部CT。")]},
+        {"id": "short", "image": "head_ct.png", "conversations": [human("<image>\n这是什么？"), gpt("头")]},
+        {"id": "no-conversations", "image": "head_ct.png"},
+        {"id": "wrong-types", "image": 5, "conversations": [human("<image>\n这是什么？"), gpt("头部CT。")]},
+        {"id": "answer-first", "image": "head_ct.png", "conversations": [gpt("头部CT。"), human("这是什么？")]},
+        ["not", "a", "record"],
+        {"id": "too-long", "image": "bone_scan.png", "conversations": [human("<image>\n" + long_answer), gpt("是。")]},
+        {"id": "truncated", "image": "truncated.png", "conversations": [human("<image>\n这是什么？"), gpt("腹部CT。")]},
+        {"id": "text-only", "conversations": [human("CT是什么？"), gpt("计算机断层扫描。")]},
+    ]
+    return tmp_path, records
+
+
+EXPECTED_SKIPS = Counter(missing_image=1, too_many_images=1, too_short=1, malformed=4, too_long=1)
+
+
+def make(path, root, tok, **kw):
+    return ChiMedDataset(data_path=path, image_root=root, tokenizer=tok, stage=2, **kw)
+
+
+def test_exclusions_are_counted_json_and_jsonl(messy, demo_tok):
+    root, records = messy
+    (root / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    ds = make(root / "d.json", root, demo_tok, max_length=700)
+    assert ds.skipped == EXPECTED_SKIPS
+    assert [ds.records[i]["id"] for i in ds.kept] == ["good", "truncated", "text-only"]
+    assert "kept 3 of 11" in ds.report() and "too_long 1" in ds.report()
+    lines = [json.dumps(r, ensure_ascii=False) for r in records] + ["{broken json"]
+    (root / "d.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dsl = make(root / "d.jsonl", root, demo_tok, max_length=700)
+    assert dsl.skipped == EXPECTED_SKIPS + Counter(malformed=1) and dsl.lengths == ds.lengths
+
+
+def test_strict_names_the_sample(messy, demo_tok):
+    root, records = messy
+    (root / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"sample 1 \(id 'missing'\) excluded: missing_image"):
+        make(root / "d.json", root, demo_tok, strict=True)
+
+
+def test_unreadable_image_at_load_time_is_dropped(messy, demo_tok):
+    root, records = messy
+    (root / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    ds = make(root / "d.json", root, demo_tok, max_length=700)
+    with pytest.warns(UserWarning, match="truncated.png: corrupt or truncated"):
+        samples = [ds[k] for k in range(len(ds))]
+    assert samples[1] is None and ds.skipped["unreadable_image"] == 1
+    batch = collate(samples, demo_tok.pad_id)
+    assert batch["n_dropped"] == 1 and batch["ids"] == ["good", "text-only"]
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_truncation_after_image_expansion(tmp_path, tok):
+    answer = "The lesion in the distal tibia is benign. " * 40
+    records = [{"id": "long", "image": "head_ct.png",
+                "conversations": [human("<image>\nDescribe."), gpt(answer)]}]
+    (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
+    full, _ = render(build_conversation(records[0], 2, "release"), tok)
+    for n_feat, max_length in ((576, 700), (576, 2048), (16, 100)):
+        ds = ChiMedDataset(data_path=tmp_path / "d.json", image_root=IMAGES, tokenizer=tok, stage=2,
+                           style="release", max_length=max_length, num_image_tokens=n_feat)
+        sample = ds[0]
+        ids, labels = sample["input_ids"], sample["labels"]
+        expanded = len(ids) - 1 + n_feat
+        assert expanded == ds.lengths[0] == min(max_length, len(full) - 1 + n_feat)
+        assert (ids == IMAGE_TOKEN_INDEX).sum() == 1 and (labels != IGNORE_INDEX).any()
+        assert ids.tolist() == full[:len(ids)]
+    # an image in a later turn that the cut would split: the sample goes, though turn 1 would fit
+    late = {"id": "late", "image": "head_ct.png", "conversations": [
+        human("Hello."), gpt("Hello, how can I help?"), human("<image>\nWhat is this?"), gpt("A head CT.")]}
+    (tmp_path / "late.json").write_text(json.dumps([late]), encoding="utf-8")
+    for max_length, kept in ((700, 1), (500, 0)):
+        ds = ChiMedDataset(data_path=tmp_path / "late.json", image_root=IMAGES, tokenizer=tok, stage=2,
+                           style="release", max_length=max_length)
+        assert len(ds) == kept and ds.skipped == Counter(too_long=1 - kept)
+    # the prompt alone with its image features overflows: nothing to learn, the sample goes
+    ds = ChiMedDataset(data_path=tmp_path / "d.json", image_root=IMAGES, tokenizer=tok, stage=2,
+                       style="release", max_length=590)
+    assert len(ds) == 0 and ds.skipped == Counter(too_long=1)
+
+
+def test_demo_samples_load_in_every_stage_and_style(demo_tok):
+    for stage in (1, 2):
+        for style in ("paper", "release"):
+            ds = ChiMedDataset(data_path=ROOT / "samples" / f"stage{stage}.json", image_root=IMAGES,
+                               tokenizer=demo_tok, stage=stage, style=style)
+            assert len(ds) == len(ds.records) and not ds.skipped
+    type_answers = [r["conversations"][1]["value"] for r in ds.records if r["id"].endswith("-type")]
+    assert len(type_answers) == 13 == len(set(type_answers))
+    texts = [t["value"] for r in ds.records for t in r["conversations"]] + ALIGNMENT_PROMPTS + [SYSTEM]
+    assert all(demo_tok.decode(demo_tok.encode(t)) == t for t in texts)  # exact round trips
+    assert demo_tok.sp.piece_to_id("<0x0A>") != demo_tok.sp.unk_id()
+
+
+def test_collate_pads_right(demo_tok):
+    ds = ChiMedDataset(data_path=ROOT / "samples" / "stage2.json", image_root=IMAGES, tokenizer=demo_tok,
+                       stage=2, style="release")
+    samples = [ds[0], ds[len(ds) - 1], ds[13]]
+    batch = collate(samples, pad_id=demo_tok.pad_id)
+    T = max(len(s["input_ids"]) for s in samples)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, T)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        assert torch.equal(batch["input_ids"][b, :n], s["input_ids"])
+        assert torch.equal(batch["labels"][b, :n], s["labels"])
+        assert (batch["input_ids"][b, n:] == demo_tok.pad_id).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][b, :n].all() and not batch["attention_mask"][b, n:].any()
+    assert torch.equal(batch["pixel_values"], torch.cat([s["pixel_values"] for s in samples]))
+    assert batch["n_dropped"] == 0 and batch["attention_mask"].dtype == torch.bool
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def padding_share(lengths, batches):
+    lengths = np.asarray(lengths)
+    real = sum(lengths[b].sum() for b in batches)
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    return 1 - real / padded
+
+
+def rank_batches(sampler, batch_size):
+    order = list(sampler)
+    assert len(order) == len(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@pytest.mark.parametrize("n", [6400, 6403])
+def test_sampler_covers_every_index_once(n):
+    lengths = np.random.default_rng(0).lognormal(np.log(650), 0.3, n).astype(int)
+    seen = Counter()
+    for rank in range(8):
+        s = LengthGroupedSampler(lengths, 16, num_replicas=8, rank=rank, seed=3)
+        s.set_epoch(2)
+        seen.update(list(s))
+    assert set(seen) == set(range(n))
+    assert sum(seen.values()) - n == (-n) % 128  # only what the last global batch needs is repeated
+    assert max(seen.values()) <= 2
+
+
+def test_sampler_deterministic_per_epoch_and_groups_lengths():
+    lengths = np.random.default_rng(1).lognormal(np.log(1000), 0.5, 5000).astype(int)
+
+    def order(epoch, seed=0):
+        s = LengthGroupedSampler(lengths, 16, num_replicas=4, rank=1, seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(0) == order(0) and order(1) == order(1)
+    assert order(0) != order(1) and order(0, seed=1) != order(0)
+    s = LengthGroupedSampler(lengths, 16, num_replicas=4, rank=1)
+    batches = rank_batches(s, 16)
+    grouped = padding_share(lengths, batches)
+    maxima = [lengths[b].max() for b in batches]
+    assert maxima != sorted(maxima, reverse=True)  # batch order is shuffled, not longest first
+    shuffled = np.random.default_rng(0).permutation(len(lengths))
+    random = padding_share(lengths, [shuffled[i:i + 16] for i in range(0, len(lengths), 16)])
+    assert grouped < 0.05 < random
+
+
+# ----------------------------------------------------------------------------- PMC-VQA
+
+def test_pmc_vqa_csv(tmp_path):
+    header = "Figure_path,Caption,Question,Choice A,Choice B,Choice C,Choice D,Anwser,Answer_label\n"
+    rows = [
+        'PMC1_fig1.jpg,An axial CT.,What modality is shown?,A:CT, B:MRI, C:X-ray, D:Ultrasound,CT,A\n',
+        'PMC2_fig2.jpg,Hepatomegaly.,Which organ is enlarged?, A: Spleen , B: Liver ,C:Kidney,D:Heart,Liver,B\n',
+        'PMC3_fig3.jpg,,,A:Heart,B:Lung,C:Bone,D:Brain,Heart,E\n',  # no question, label E
+        'PMC4_fig4.jpg,Truncated row\n',
+    ]
+    (tmp_path / "pmc.csv").write_text(header + "".join(rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 2 malformed rows"):
+        records = pmc_vqa_to_records(tmp_path / "pmc.csv")
+    assert len(records) == 2
+    first, second = records
+    assert first["image"] == "PMC1_fig1.jpg" and first["answer_label"] == "A"
+    assert first["conversations"][0]["value"] == (
+        "<image>\nWhat modality is shown?\nA: CT\nB: MRI\nC: X-ray\nD: Ultrasound")
+    assert first["conversations"][1] == gpt("CT")
+    assert second["choices"] == {"A": "Spleen", "B": "Liver", "C": "Kidney", "D": "Heart"}
+    assert second["choices"][second["answer_label"]] == second["conversations"][1]["value"]
