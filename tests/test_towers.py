@@ -75,7 +75,8 @@ def test_full_clip_model_parity(tmp_path):
     """openai/clip-vit-large-patch14-336 is a full CLIPModel: `vision_model.*` keys, text tower ignored."""
     torch.manual_seed(1)
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=99),
+                                         num_attention_heads=2, vocab_size=99, bos_token_id=0,
+                                         eos_token_id=1),
                         vision_config=clip_vision_config().to_dict(), projection_dim=16)
     hf = CLIPModel(config).eval()
     hf.save_pretrained(tmp_path)
