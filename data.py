@@ -142,9 +142,8 @@ def preprocess_image(image, size=336, mode="pad"):
         image = image.crop((left, top, left + size, top + size))
     else:
         raise ValueError(f"image fit mode must be 'pad' or 'crop', got {mode!r}")
-    x = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3) in 0..1
-    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, S, S)
+    x = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).astype(np.float32)) / 255  # (3, S, S) in 0..1
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
 # ----------------------------------------------------------------------------- tokenizer

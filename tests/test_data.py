@@ -470,7 +470,7 @@ def test_sampler_deterministic_per_epoch_and_groups_lengths():
     batches = rank_batches(s, 16)
     grouped = padding_share(lengths, batches)
     maxima = [lengths[b].max() for b in batches]
-    assert maxima != sorted(maxima, reverse=True)  # batch order is shuffled, not longest first
+    assert maxima[:40] != sorted(maxima[:40], reverse=True)  # batches are shuffled, not longest first
     shuffled = np.random.default_rng(0).permutation(len(lengths))
     random = padding_share(lengths, [shuffled[i:i + 16] for i in range(0, len(lengths), 16)])
     assert grouped < 0.05 < random
