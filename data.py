@@ -347,8 +347,9 @@ class ChiMedDataset(torch.utils.data.Dataset):
                  min_answer_chars=2):
         # min_answer_chars=2: an answer of 0-1 characters ("", ".", "A") marks a broken record, while
         # short real answers such as "是。" pass; raise it to filter short captions harder.
-        if (stage, style) not in STAGE_TEMPLATE:
-            raise ValueError(f"stage must be 1 or 2 and style 'paper' or 'release', got {stage!r}, {style!r}")
+        if (stage, style) not in STAGE_TEMPLATE or image_fit not in ("pad", "crop"):
+            raise ValueError(f"need stage 1|2, style 'paper'|'release', image_fit 'pad'|'crop'; "
+                             f"got {stage!r}, {style!r}, {image_fit!r}")
         self.data_path, self.image_root, self.tokenizer = str(data_path), str(image_root), tokenizer
         self.stage, self.style, self.template = stage, style, STAGE_TEMPLATE[(stage, style)]
         self.image_size, self.image_fit, self.seed = image_size, image_fit, seed
@@ -510,18 +511,15 @@ def pmc_vqa_to_records(csv_path):
     records, bad = [], []
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
-            try:
-                choices = {}
-                for letter in "ABCD":
-                    value = (row.get(f"Choice {letter}") or "").strip()
-                    if value:  # "A:text" or " A: text" -> "text"
-                        choices[letter] = value[2:].strip() if value[:2].upper() == f"{letter}:" else value
-                figure, question = (row.get("Figure_path") or "").strip(), (row.get("Question") or "").strip()
-                answer, label = (row.get("Anwser") or "").strip(), (row.get("Answer_label") or "").strip()
-                if not (figure and question and answer) or label not in choices:
-                    raise ValueError("empty figure, question or answer, or a label that is not a choice")
-            except (ValueError, AttributeError) as e:
-                bad.append(f"row {row_number}: {e}")
+            field = lambda name: (row.get(name) or "").strip()  # noqa: E731 (a missing cell is None)
+            choices = {}
+            for letter in "ABCD":
+                value = field(f"Choice {letter}")
+                if value:  # "A:text" or " A: text" -> "text"
+                    choices[letter] = value[2:].strip() if value[:2].upper() == f"{letter}:" else value
+            figure, question, answer, label = (field(k) for k in ("Figure_path", "Question", "Anwser", "Answer_label"))
+            if not (figure and question and answer) or label not in choices:
+                bad.append(f"row {row_number}: empty figure, question or answer, or label {label!r} not a choice")
                 continue
             lines = "\n".join(f"{k}: {v}" for k, v in choices.items())
             records.append({
