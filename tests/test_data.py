@@ -3,7 +3,6 @@
 import json
 import struct
 import sys
-import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
 from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, TEMPLATES, ChiMedDataset,  # noqa: E402
                   ImageError, LengthGroupedSampler, Tokenizer, TooManyImages, build_conversation, collate,
                   concat_images, load_image, pmc_vqa_to_records, preprocess_image, render, wrap_question)
