@@ -1,0 +1,412 @@
+"""Talk to Qilin-Med-VL about a medical image, or answer a whole evaluation file.
+
+Inference for the model of paper section 4.1: the image (several are concatenated into one, as in
+section 3.3) becomes 576 features in front of the question, and the LLM writes the answer token by
+token. The prompt is rendered by data.py exactly as training rendered it (the paper's instruction
+prompt, or LLaVA's `v1` template for the released weights), so the model sees what it learned on.
+
+    python chat.py samples/images/chest_xray.png --demo            interactive, streamed
+    python chat.py IMAGE --model DIR --question "这是什么影像？"   one answer on stdout
+    python chat.py --eval test.jsonl --model DIR --out answers.jsonl   batched scoring
+
+Decoding: one prefill over the prompt fills a static KV cache (llama.py), then each step feeds one
+token. Greedy at temperature 0, else top-p sampling. Batches are left-padded so every row's next
+token sits in the same last column. Scoring follows medical VQA practice: closed questions by
+accuracy (multiple choice; yes/no by whole words, so "normal" is not "no"), open ones by recall.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from data import (STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages, build_conversation, concat_images,
+                  expanded_length, load_image, pmc_vqa_to_records, preprocess_image, read_records, render)
+from model import QilinMedVL
+
+DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
+    """Any layout QilinMedVL.from_pretrained knows, plus the tokenizer.model that must sit beside it."""
+    if not os.path.isdir(folder):
+        hint = " (train the demo model first: torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2)"
+        raise CheckpointError(f"{folder}: no such model folder" + (hint if folder == DEMO_MODEL else ""))
+    tokenizer_path = os.path.join(folder, "tokenizer.model")
+    if not os.path.isfile(tokenizer_path):
+        raise CheckpointError(f"{folder}: no tokenizer.model (copy the LLM's SentencePiece tokenizer.model "
+                              f"into the model folder)")
+    model = QilinMedVL.from_pretrained(folder, vision_path=vision, dtype=dtype, device=device).eval()
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model.config.llm.vocab_size:
+        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} pieces, but the model has only "
+                              f"{model.config.llm.vocab_size} embedding rows (wrong tokenizer?)")
+    return model, tokenizer
+
+
+def load_pixels(paths, model):
+    """1..4 image files -> one composite, fitted as the model was trained: (1, 3, S, S)."""
+    image = concat_images([load_image(p) for p in paths])
+    return preprocess_image(image, model.config.vision.image_size, model.config.image_fit)[None]
+
+
+def prompt_ids(turns, tokenizer, style, has_image=True):
+    """Dialog turns, ending with the user's question -> the ids training would have rendered.
+
+    build_conversation on a record made of the dialog does what training did: `release` puts
+    `<image>\\n` before the first question; `paper` wraps each question in instruction prompt 0,
+    and only the first one carries the image."""
+    record = {"image": "image" if has_image else None, "conversations": turns}
+    ids, _ = render(build_conversation(record, 2, style), tokenizer, STAGE_TEMPLATE[(2, style)])
+    return ids
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def sample(logits, temperature, top_p, rng):
+    """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = probs.sort(dim=-1, descending=True)  # (B, vocab), most likely first
+    # keep the smallest head whose mass reaches top_p; the first token is always kept
+    probs[probs.cumsum(-1) - probs > top_p] = 0
+    choice = torch.multinomial(probs, 1, generator=rng)  # (B, 1); multinomial renormalises
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None):
+    """Yield the next token of every row, (B,) per step, until all rows have ended or max_new_tokens.
+
+    prompts: B lists of ids (IMAGE_TOKEN_INDEX once per image); pixel_values: (N, 3, S, S) for the
+    placeholders in row order, or None. A row that has produced eos_id keeps getting eos_id.
+    """
+    llm, device = model.llm, model.llm.lm_head.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long)  # left-padded: the last column is every row's last token
+    attention = torch.zeros(B, T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], attention[b, T - len(p):] = torch.tensor(p), True
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    embeds, _, mask = model.embed(ids.to(device), pixel_values, attention_mask=attention.to(device),
+                                  padding_side="left")  # (B, L, dim), (B, L) True at real positions
+    L = embeds.shape[1]
+    padded = not bool(mask.all())  # only then do positions and a padding mask have to be passed
+    pad_mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)  # (B, S): False at padding
+    pad_mask[:, :L] = mask
+    start = mask.sum(1, keepdim=True)  # (B, 1): each row's RoPE position for its first new token
+    llm.setup_cache(B, L + max_new_tokens)
+    try:
+        logits = llm(inputs_embeds=embeds, start_pos=0, positions=(mask.cumsum(1) - 1).clamp(min=0) if padded else None,
+                     pad_mask=mask if padded else None)  # prefill: (B, L, vocab)
+        token = sample(logits[:, -1], temperature, top_p, rng)  # (B,)
+        ended = torch.zeros(B, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            if eos_id is not None:
+                token = token.masked_fill(ended, eos_id)
+                ended |= token == eos_id
+            yield token
+            if i == max_new_tokens - 1 or bool(ended.all()):
+                break
+            # one token per row into cache slot L + i; it sees slots [0, L + i]
+            logits = llm(token[:, None], start_pos=L + i, positions=start + i if padded else None,
+                         pad_mask=pad_mask[:, :L + i + 1] if padded else None)  # (B, 1, vocab)
+            token = sample(logits[:, -1], temperature, top_p, rng)
+    finally:
+        llm.clear_cache()  # also when the caller stops early (Ctrl-C) and the generator is closed
+
+
+def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
+    """Every row's new tokens as a list of ids, up to (without) its EOS."""
+    out, ended = [[] for _ in prompts], [False] * len(prompts)
+    for token in generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling):
+        for b, t in enumerate(token.tolist()):
+            ended[b] = ended[b] or t == eos_id
+            if not ended[b]:
+                out[b].append(t)
+    return out
+
+
+class TextStream:
+    """Ids in, new text out, never half a character: byte-fallback pieces (<0xE8><0x83><0xB8>)
+    make one character only together. Decoding all ids so far and holding back a trailing
+    U+FFFD (an incomplete UTF-8 sequence) keeps every chunk whole."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""  # wait for the rest of the character
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+def room(model, prompt, max_new_tokens):
+    """How many new tokens fit after the prompt in the model's context (0: the prompt does not fit)."""
+    length = expanded_length(prompt, model.num_image_tokens)
+    return max(0, min(max_new_tokens, model.config.llm.max_seq_len - length)), length
+
+
+def answer(model, tokenizer, turns, pixels, args, rng, out=sys.stdout):
+    """Render the dialog, stream the answer to `out`, return its text (None: it did not fit)."""
+    prompt = prompt_ids(turns, tokenizer, model.config.style, pixels is not None)
+    budget, length = room(model, prompt, args.max_new_tokens)
+    if budget == 0:
+        print(f"The dialog is {length} tokens with the image's features, the model's context is "
+              f"{model.config.llm.max_seq_len}: /reset to start again.", file=sys.stderr)
+        return None
+    if budget < args.max_new_tokens:
+        print(f"(the answer is capped at {budget} tokens: that is the room left in the context)", file=sys.stderr)
+    stream = TextStream(tokenizer)
+    for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, rng):
+        if token.item() == tokenizer.eos_id:
+            break
+        print(stream.push(token.item()), end="", file=out, flush=True)
+    print(file=out, flush=True)
+    return stream.text
+
+
+# ----------------------------------------------------------------------------- chat
+
+HELP = """Commands: /image PATH [PATH ...] loads other images (a new dialog), /reset starts a new dialog,
+/quit (or Ctrl-D) exits, /help shows this. Ctrl-C stops an answer; it is then left out of the dialog."""
+
+
+def chat(model, tokenizer, pixels, args, rng):
+    """The interactive loop. History is re-rendered in full each turn; the cache lives for one answer."""
+    turns = []
+    print(f"Model {args.model} ({model.config.style} prompts). {HELP}")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave quietly
+            print()
+            return
+        command, _, rest = line.partition(" ")
+        if not line:
+            continue
+        elif command == "/quit":
+            return
+        elif command == "/help":
+            print(HELP)
+        elif command == "/reset":
+            turns = []
+            print("(new dialog about the same image)")
+        elif command == "/image":
+            try:
+                pixels, turns = load_pixels(shlex.split(rest), model), []
+                print(f"(new dialog about {rest.strip()})")
+            except ValueError as e:  # ImageError, TooManyImages, no path: the old image stays
+                print(f"error: {e or 'give one or more image paths'}", file=sys.stderr)
+        elif command.startswith("/"):
+            print(f"unknown command {command}. {HELP}")
+        else:
+            turns.append({"from": "human", "value": line})
+            try:
+                reply = answer(model, tokenizer, turns, pixels, args, rng)
+            except KeyboardInterrupt:  # stop this answer only; a cut-off answer is not kept as history
+                print(" [stopped]", flush=True)
+                reply = None
+            if reply is None:
+                turns.pop()
+            else:
+                turns.append({"from": "gpt", "value": reply})
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+YES, NO = ("yes", "是", "是的", "对", "有"), ("no", "否", "不是", "不对", "不", "没有", "无")
+
+
+def yes_no(text, strict=True):
+    """'yes', 'no' or None, by whole words: "No, ..." is no, "normal" is not (LLaVA-Med's bug).
+
+    strict (for reference answers): the first clause must be exactly a yes/no word.
+    Otherwise (for predictions) a clause starting with one counts too, then a lone English
+    "yes" or "no" anywhere ("There is no fracture")."""
+    clause = re.split(r"[\s,.;:!?，。；：！？、]", text.strip().lower(), maxsplit=1)[0]
+    for word in NO + YES:  # negatives first: "不是" starts with "不", not "是"
+        if clause == word:
+            return "no" if word in NO else "yes"
+    if strict:
+        return None
+    for word in NO + YES:
+        if not word.isascii() and clause.startswith(word):
+            return "no" if word in NO else "yes"
+    found = set(re.findall(r"\b(yes|no)\b", text.lower()))
+    return found.pop() if len(found) == 1 else None
+
+
+def choice_letter(prediction, choices):
+    """The letter a prediction picks among choices {"A": text, ...}: a leading letter ("B", "(C)",
+    "A: ..."), a stated one ("答案是B", "answer is C"), else the one choice whose text it contains."""
+    text = prediction.strip()
+    m = re.match(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])", text) or \
+        re.search(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])", text)
+    if m and m.group(1) in choices:
+        return m.group(1)
+    hits = sorted((len(v), k) for k, v in choices.items() if v and v.lower() in text.lower())
+    if hits and (len(hits) == 1 or hits[-1][0] > hits[-2][0]):  # the longest if one choice contains another
+        return hits[-1][1]
+    return None
+
+
+def words(text):
+    """Recall tokens: lower-case Latin words and numbers; each CJK character on its own."""
+    return re.findall(r"[0-9a-z\u00c0-\u024f]+|[^\W_]", text.lower())
+
+
+def recall(prediction, reference):
+    """Share of the reference's tokens (with multiplicity) that the prediction contains."""
+    ref = Counter(words(reference))
+    return sum((ref & Counter(words(prediction))).values()) / sum(ref.values()) if ref else None
+
+
+def score(prediction, reference, record, turn):
+    if turn == 0 and record.get("choices") and record.get("answer_label"):
+        return "multiple_choice", {"correct": choice_letter(prediction, record["choices"]) == record["answer_label"]}
+    if yes_no(reference) is not None:
+        return "yes_no", {"correct": yes_no(prediction, strict=False) == yes_no(reference)}
+    return "open", {"recall": recall(prediction, reference)}
+
+
+def evaluate(model, tokenizer, args, rng):
+    """Answer every assistant turn of every record (the reference dialog before it as history),
+    in left-padded batches; write one JSON line per answer and the metrics."""
+    path = args.eval
+    records = pmc_vqa_to_records(path) if path.lower().endswith(".csv") else read_records(path)
+    image_root = args.image_root or os.path.dirname(os.path.abspath(path))
+    skipped, results, pending = Counter(), [], []
+    out = open(args.out, "w", encoding="utf-8")
+
+    def run(batch):
+        prompts = [item["prompt"] for item in batch]
+        pixels = [item["pixels"] for item in batch if item["pixels"] is not None]
+        budget = min(room(model, p, args.max_new_tokens)[0] for p in prompts)
+        answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, budget, tokenizer.eos_id,
+                                 temperature=args.temperature, top_p=args.top_p, rng=rng)
+        for item, ids in zip(batch, answers):
+            prediction = tokenizer.decode(ids)
+            kind, result = score(prediction, item["reference"], item["record"], item["turn"])
+            row = dict(id=item["record"].get("id"), turn=item["turn"], question=item["question"],
+                       reference=item["reference"], prediction=prediction, kind=kind, **result)
+            results.append(row)
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
+        try:
+            turns = record["conversations"]
+            files = [record["image"]] if isinstance(record.get("image"), str) else record.get("image") or []
+            pixels = load_pixels([os.path.join(image_root, f) for f in files], model) if files else None
+            for k in range(1, len(turns), 2):  # each answer, after the reference dialog before it
+                prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
+                if room(model, prompt, 1)[0] == 0:
+                    skipped["too_long"] += 1
+                    continue
+                pending.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels,
+                                    question=turns[k - 1]["value"], reference=turns[k]["value"]))
+        except ImageError:
+            skipped["missing_or_corrupt_image"] += 1
+        except TooManyImages:
+            skipped["too_many_images"] += 1
+        except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
+            skipped["malformed"] += 1
+        while len(pending) >= args.batch_size:
+            run(pending[:args.batch_size])
+            pending = pending[args.batch_size:]
+    if pending:
+        run(pending)
+    out.close()
+    return metrics(results, len(records), skipped)
+
+
+def metrics(results, n_records, skipped):
+    def mean(values):
+        return sum(values) / len(values) if values else None
+
+    by_kind = {kind: [r for r in results if r["kind"] == kind] for kind in ("multiple_choice", "yes_no", "open")}
+    return {"records": n_records, "answers": len(results), "skipped_records": dict(skipped),
+            "multiple_choice_accuracy": {"n": len(by_kind["multiple_choice"]),
+                                         "value": mean([r["correct"] for r in by_kind["multiple_choice"]])},
+            "yes_no_accuracy": {"n": len(by_kind["yes_no"]), "value": mean([r["correct"] for r in by_kind["yes_no"]])},
+            "open_recall": {"n": len(by_kind["open"]),
+                            "value": mean([r["recall"] for r in by_kind["open"] if r["recall"] is not None])}}
+
+
+def print_metrics(m):
+    print(f"{'metric':<28}{'n':>7}{'value':>9}")
+    for name in ("multiple_choice_accuracy", "yes_no_accuracy", "open_recall"):
+        value = m[name]["value"]
+        print(f"{name:<28}{m[name]['n']:>7}{'-' if value is None else f'{value:.3f}':>9}")
+    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped_records"].items()) or "none"
+    print(f"{m['answers']} answers from {m['records']} records; skipped records: {skipped}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
+    p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")
+    p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
+    p.add_argument("--demo", action="store_true", help=f"use the demo model, --model {DEMO_MODEL}")
+    p.add_argument("--question", help="answer this one question, print only the answer, and exit")
+    p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
+    p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
+    p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
+    p.add_argument("--batch-size", type=int, default=8, help="--eval: answers generated together")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2 in chat, 0 for --eval)")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: a random one)")
+    args = p.parse_args(argv)
+    args.model = DEMO_MODEL if args.demo else args.model
+    if not args.model:
+        p.error("give --model DIR (or --demo)")
+    if not args.eval and not args.images:
+        p.error("give an image (or --eval FILE)")
+    if args.temperature is None:
+        args.temperature = 0.0 if args.eval else 0.2
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    rng = torch.Generator(args.device)
+    rng.manual_seed(args.seed) if args.seed is not None else rng.seed()
+    try:
+        model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
+        if args.eval:
+            m = evaluate(model, tokenizer, args, rng)
+            print_metrics(m)
+            metrics_path = str(Path(args.out).with_suffix("")) + ".metrics.json"
+            Path(metrics_path).write_text(json.dumps(m, indent=2), encoding="utf-8")
+            print(f"wrote {args.out} and {metrics_path}")
+            return 0
+        pixels = load_pixels(args.images, model)
+        if args.question:
+            turns = [{"from": "human", "value": args.question}]
+            return 0 if answer(model, tokenizer, turns, pixels, args, rng) is not None else 1
+        chat(model, tokenizer, pixels, args, rng)
+        return 0
+    except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""chat.py: cached decoding, batching, parity with transformers' generate, the terminal chat,
+bad inputs, streaming of byte-fallback characters, and the VQA metrics.
+
+Tiny random models on the CPU, the real demo images and a real LLaMA-style tokenizer. The LLM's
+weights are drawn with a larger std than LLaMA's init (0.1, not 0.02) so that random models write
+varied text: a model repeating one token would let most comparisons pass by accident.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+import chat
+from checkpoint import save_weights
+from data import Tokenizer
+from llama import LlamaArgs
+from model import IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL
+from vit import VisionArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests" / "data" / "mistral-7b-v0.1.model"
+IMAGES = ROOT / "samples" / "images"
+CHEST, HEAD, BONE = (str(IMAGES / n) for n in ("chest_xray.png", "head_ct.png", "bone_scan.png"))
+
+
+def tiny_model(seed=0, style="paper", projector="linear", max_seq_len=2048):
+    torch.manual_seed(seed)
+    llm = dataclasses.replace(LlamaArgs.preset("demo"), vocab_size=32000, max_seq_len=max_seq_len)
+    model = QilinMedVL(QilinConfig(projector=projector, style=style, vision=VisionArgs.preset("demo"), llm=llm))
+    for p in model.llm.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(folder, tokenizer=TOKENIZER)
+    return str(folder)
+
+
+def question(text):
+    return [{"from": "human", "value": text}]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def test_cached_greedy_equals_full_forward_argmax(tokenizer):
+    model = tiny_model()
+    pixels = chat.load_pixels([CHEST], model)
+    prompt = chat.prompt_ids(question("这是什么类型的医学影像？"), tokenizer, "paper")
+    cached = chat.generate_batch(model, [prompt], pixels, 24, eos_id=None)[0]
+    rollout = []
+    with torch.no_grad():
+        for _ in range(24):  # no cache: the whole sequence again for every token
+            logits, _ = model(torch.tensor([prompt + rollout]), pixels)
+            rollout.append(int(logits[0, -1].argmax()))
+    assert cached == rollout
+    assert len(set(rollout)) > 10  # varied text, so the comparison could fail
+
+
+def test_batched_left_padding_equals_one_by_one(tokenizer):
+    model = tiny_model()
+    dialogs = [question("这是什么类型的医学影像？"),
+               question("Is there a fracture?"),
+               question("What is it?") + [{"from": "gpt", "value": "A head CT."}] + question("Is it normal?")]
+    prompts = [chat.prompt_ids(d, tokenizer, "paper") for d in dialogs]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: rows are padded differently
+    pixels = torch.cat([chat.load_pixels([f], model) for f in (CHEST, BONE, HEAD)])
+    batched = chat.generate_batch(model, prompts, pixels, 16, tokenizer.eos_id)
+    alone = [chat.generate_batch(model, [p], pixels[b:b + 1], 16, tokenizer.eos_id)[0] for b, p in enumerate(prompts)]
+    assert batched == alone
+    assert len(set(map(tuple, alone))) == 3
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tokenizer):
+    model = tiny_model()
+    pixels = chat.load_pixels([CHEST], model)
+    prompt = chat.prompt_ids(question("What is this?"), tokenizer, "paper")
+
+    def run(seed, **sampling):
+        rng = torch.Generator().manual_seed(seed)
+        return chat.generate_batch(model, [prompt], pixels, 12, None, rng=rng, **sampling)[0]
+
+    assert run(1, temperature=1.0, top_p=0.95) == run(1, temperature=1.0, top_p=0.95)
+    assert run(1, temperature=1.0, top_p=0.95) != run(2, temperature=1.0, top_p=0.95)
+    assert run(1, temperature=1.0, top_p=1e-6) == run(0, temperature=0.0)
+
+
+def test_greedy_matches_transformers_llava_generate(tmp_path, tokenizer):
+    """A random llava-hf model loaded through chat.py writes the same tokens as transformers'."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", image_size=112, patch_size=14, hidden_size=64,
+                           num_hidden_layers=3, num_attention_heads=4, intermediate_size=128),
+        text_config=dict(model_type="llama", hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=256, vocab_size=32001, rms_norm_eps=1e-5,
+                         max_position_embeddings=1024, initializer_range=0.1),
+        image_token_index=32000, image_seq_length=64, vision_feature_layer=-2)
+    reference = LlavaForConditionalGeneration(config).eval()
+    reference.save_pretrained(tmp_path)
+    shutil.copyfile(TOKENIZER, tmp_path / "tokenizer.model")
+
+    model, tok = chat.load_model(str(tmp_path))
+    assert model.config.style == "release"
+    pixels = chat.load_pixels([CHEST], model)
+    prompt = chat.prompt_ids(question("这是什么类型的医学影像？"), tok, "release")
+    ours = chat.generate_batch(model, [prompt], pixels, 30, tok.eos_id)[0]
+
+    k = prompt.index(IMAGE_TOKEN_INDEX)  # transformers: the image id once per feature vector
+    hf_ids = torch.tensor([prompt[:k] + [config.image_token_index] * 64 + prompt[k + 1:]])
+    with torch.no_grad():
+        out = reference.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels,
+                                 do_sample=False, max_new_tokens=30, eos_token_id=tok.eos_id, pad_token_id=0)
+    theirs = [t for t in out[0, hf_ids.shape[1]:].tolist() if t != tok.eos_id]
+    assert ours == theirs
+    assert len(set(ours)) > 10
+
+
+def test_llava_layout_with_vision_folder_answers_like_our_layout(tmp_path, tokenizer):
+    """The original LLaVA layout (LLM + mm_projector in one folder, CLIP in another) loads through
+    --vision and answers exactly as the same weights saved in our layout."""
+    model = tiny_model(style="release", projector="mlp2x_gelu")
+    ours_dir, llava_dir, clip_dir = tmp_path / "ours", tmp_path / "llava", tmp_path / "clip"
+    model.save_pretrained(ours_dir, tokenizer=TOKENIZER)
+    write_llava_layout(model, llava_dir, clip_dir)
+    answers = []
+    for folder, vision in ((ours_dir, None), (llava_dir, clip_dir)):
+        loaded, tok = chat.load_model(str(folder), vision and str(vision))
+        prompt = chat.prompt_ids(question("Which body part?"), tok, loaded.config.style)
+        answers.append(chat.generate_batch(loaded, [prompt], chat.load_pixels([HEAD], loaded), 12, tok.eos_id)[0])
+    assert answers[0] == answers[1] and answers[0]
+
+
+def write_llava_layout(model, folder, clip_folder, clip_width=None):
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.llm.state_dict().items()}
+    state.update({f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()})
+    save_weights(state, folder)
+    config = dict(model.config.llm.to_hf_config(), model_type="llava", mm_projector_type="mlp2x_gelu",
+                  mm_hidden_size=model.config.vision.dim, mm_vision_select_layer=-2, image_aspect_ratio="pad",
+                  mm_vision_tower="openai/clip-vit-large-patch14-336")
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(TOKENIZER, folder / "tokenizer.model")
+    vision = model.vision if clip_width is None else \
+        type(model.vision)(dataclasses.replace(model.config.vision, dim=clip_width))
+    save_weights({f"vision_model.{k}": v for k, v in vision.state_dict().items()}, clip_folder)
+    (clip_folder / "config.json").write_text(json.dumps(vision.args.to_hf_config()))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_question_prints_only_the_answer(model_dir, tokenizer):
+    result = run_cli(CHEST, "--model", model_dir, "--question", "这是什么？", "--temperature", "0",
+                     "--max-new-tokens", "10")
+    assert result.returncode == 0, result.stderr
+    model, _ = chat.load_model(model_dir)
+    prompt = chat.prompt_ids(question("这是什么？"), tokenizer, "paper")
+    expected = tokenizer.decode(chat.generate_batch(model, [prompt], chat.load_pixels([CHEST], model), 10,
+                                                    tokenizer.eos_id)[0])
+    assert result.stdout == expected + "\n"
+
+
+def test_context_limit_is_respected(tmp_path, tokenizer, capsys):
+    prompt = chat.prompt_ids(question("What is it?"), tokenizer, "paper")
+    length = len(prompt) - 1 + 64  # the placeholder becomes 64 features
+    for max_seq_len, code, message in ((length, 1, "context is"), (length + 3, 0, "capped at 3 tokens")):
+        folder = tmp_path / str(max_seq_len)
+        tiny_model(max_seq_len=max_seq_len).save_pretrained(folder, tokenizer=TOKENIZER)
+        assert chat.main([CHEST, "--model", str(folder), "--question", "What is it?", "--temperature", "0"]) == code
+        out, err = capsys.readouterr()
+        assert message in err
+        if code == 0:
+            assert len(tokenizer.encode(out.strip())) <= 3 + 1
+
+
+def test_interactive_chat_in_a_terminal(model_dir):
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), CHEST, "--model", model_dir, "--seed", "0",
+                                           "--max-new-tokens", "12"],
+                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, LANG="C.UTF-8"))
+    child.expect(">>> ")
+    assert "/reset" in child.before  # the help line
+    for text in ("这是什么类型的医学影像？", "Is it normal?"):
+        child.sendline(text)
+        child.expect(">>> ")
+        answer = child.before.replace(text, "", 1).strip()
+        assert answer and "\ufffd" not in answer
+    child.sendline("/reset")
+    child.expect("new dialog about the same image")
+    child.sendline("/image " + str(IMAGES / "missing.png"))
+    child.expect("no such image file")
+    child.sendline(f"/image {HEAD} {BONE}")
+    child.expect("new dialog about")
+    child.expect(">>> ")
+    child.sendline("What is it?")
+    child.expect(">>> ")
+    assert child.before.replace("What is it?", "", 1).strip()
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_then_exits_at_the_prompt(model_dir):
+    child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), CHEST, "--model", model_dir, "--temperature", "0",
+                                           "--max-new-tokens", "1900"],
+                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, LANG="C.UTF-8"))
+    child.expect(">>> ")
+    child.sendline("Describe the image.")
+    child.expect("Describe the image.\r\n")
+    child.expect(r"\S")  # the answer has started streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(">>> ")
+    child.sendintr()  # at the prompt: leave
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def corrupt_image(tmp_path):
+    path = tmp_path / "corrupt.png"
+    path.write_bytes((IMAGES / "chest_xray.png").read_bytes()[:300])
+    return str(path)
+
+
+def unknown_layout(tmp_path):
+    folder = tmp_path / "bert"
+    save_weights({"bert.embeddings.weight": torch.zeros(2, 2)}, folder)
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    shutil.copyfile(TOKENIZER, folder / "tokenizer.model")
+    return str(folder)
+
+
+def mismatched_vision(tmp_path):
+    write_llava_layout(tiny_model(style="release", projector="mlp2x_gelu"), tmp_path / "llava", tmp_path / "clip",
+                       clip_width=32)
+    return [str(tmp_path / "llava"), "--vision", str(tmp_path / "clip")]
+
+
+def no_tokenizer(tmp_path, model_dir):
+    shutil.copytree(model_dir, tmp_path / "bare")
+    os.remove(tmp_path / "bare" / "tokenizer.model")
+    return str(tmp_path / "bare")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing image", "no such image file"),
+    ("corrupt image", "corrupt or truncated"),
+    ("missing model folder", "no such model folder"),
+    ("unknown layout", "not a Qilin-Med-VL, LLaVA or llava-hf checkpoint"),
+    ("vision folder that does not match", "does not match"),
+    ("no tokenizer", "no tokenizer.model"),
+    ("demo model not trained", "train.py --demo --stage 2"),
+])
+def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, model_dir, case, expected):
+    image, model = CHEST, ["--model", model_dir]
+    if case == "missing image":
+        image = str(tmp_path / "nope.png")
+    elif case == "corrupt image":
+        image = corrupt_image(tmp_path)
+    elif case == "missing model folder":
+        model = ["--model", str(tmp_path / "nowhere")]
+    elif case == "unknown layout":
+        model = ["--model", unknown_layout(tmp_path)]
+    elif case == "vision folder that does not match":
+        model = ["--model"] + mismatched_vision(tmp_path)
+    elif case == "no tokenizer":
+        model = ["--model", no_tokenizer(tmp_path, model_dir)]
+    elif case == "demo model not trained":
+        if (ROOT / chat.DEMO_MODEL).exists():
+            pytest.skip("the demo model has been trained here")
+        model = ["--demo"]
+    result = run_cli(image, *model, "--question", "What is it?")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+
+
+# ----------------------------------------------------------------------------- streaming
+
+def test_streaming_never_splits_a_character(tokenizer):
+    text = "胸部X光片显示右下肺野有一处磨玻璃影，考虑为肺炎。龘 Normal heart size."
+    ids = tokenizer.encode(text)
+    assert sum(tokenizer.sp.id_to_piece(i).startswith("<0x") for i in ids) >= 6  # byte-fallback pieces
+    stream = chat.TextStream(tokenizer)
+    chunks = [stream.push(i) for i in ids]
+    assert "".join(chunks) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in c for c in chunks)
+    assert chunks.count("") >= 4  # held back while a character was incomplete
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_yes_no_by_whole_words():
+    assert chat.yes_no("No, there is no fracture.") == "no"
+    assert chat.yes_no("yes") == "yes"
+    assert chat.yes_no("Normal") is None  # LLaVA-Med counted this as "no"
+    assert chat.yes_no("normal", strict=False) is None
+    assert chat.yes_no("Nodule in the left lung", strict=False) is None
+    assert chat.yes_no("There is no fracture.") is None  # a reference like this is an open answer
+    assert chat.yes_no("There is no fracture.", strict=False) == "no"
+    assert chat.yes_no("是") == "yes" and chat.yes_no("是的。") == "yes" and chat.yes_no("否") == "no"
+    assert chat.yes_no("不是。") == "no"
+    assert chat.yes_no("是的，可见骨折。", strict=False) == "yes"
+    assert chat.yes_no("没有明显异常。", strict=False) == "no"
+    assert chat.yes_no("胸部X光片。", strict=False) is None
+
+
+def test_choice_letter():
+    choices = {"A": "CT", "B": "MRI", "C": "CT angiography", "D": "Ultrasound"}
+    assert chat.choice_letter("B", choices) == "B"
+    assert chat.choice_letter("(C) CT angiography", choices) == "C"
+    assert chat.choice_letter("D: Ultrasound", choices) == "D"
+    assert chat.choice_letter("答案是B。", choices) == "B"
+    assert chat.choice_letter("The answer is C", choices) == "C"
+    assert chat.choice_letter("A chest radiograph would show it", choices) is None  # "A" the article
+    assert chat.choice_letter("It is an ultrasound image.", choices) == "D"
+    assert chat.choice_letter("This is CT angiography.", choices) == "C"  # contains "CT" too: the longer wins
+
+
+def test_recall():
+    assert chat.recall("a chest x-ray", "Chest X-ray") == 1.0
+    assert chat.recall("lung", "left lung nodule") == pytest.approx(1 / 3)
+    assert chat.recall("胸部CT", "胸部X光片") == pytest.approx(2 / 5)  # characters for Chinese; "x" a word
+    assert chat.recall("anything", "。") is None
+
+
+def test_eval_batches_match_one_by_one_and_bad_images_are_counted(tmp_path, model_dir):
+    records = json.loads((ROOT / "samples" / "stage2.json").read_text(encoding="utf-8"))
+    chosen = [r for r in records if r["id"].startswith(("chest_xray", "head_ct"))][:3]
+    assert sum(len(r["conversations"]) // 2 for r in chosen) >= 4  # multi-turn records among them
+    shutil.copy(IMAGES / "chest_xray.png", tmp_path)
+    shutil.copy(IMAGES / "head_ct.png", tmp_path)
+    corrupt_image(tmp_path)
+    chosen += [dict(chosen[0], id="missing", image="gone.png"), dict(chosen[0], id="corrupt", image="corrupt.png")]
+    chosen.append({"id": "mc", "image": "chest_xray.png", "choices": {"A": "X-ray", "B": "CT"}, "answer_label": "A",
+                   "conversations": [{"from": "human", "value": "<image>\nModality?\nA: X-ray\nB: CT"},
+                                     {"from": "gpt", "value": "X-ray"}]})
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in chosen), encoding="utf-8")
+    outputs = []
+    for batch_size in (1, 4):
+        out = tmp_path / f"answers{batch_size}.jsonl"
+        assert chat.main(["--eval", str(data), "--model", model_dir, "--out", str(out),
+                          "--batch-size", str(batch_size), "--max-new-tokens", "8"]) == 0
+        outputs.append([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()])
+        metrics = json.loads((tmp_path / f"answers{batch_size}.metrics.json").read_text())
+        assert metrics["skipped_records"] == {"missing_or_corrupt_image": 2}
+        assert metrics["multiple_choice_accuracy"]["n"] == 1 and metrics["answers"] == len(outputs[-1])
+        assert metrics["yes_no_accuracy"]["n"] >= 1 and metrics["open_recall"]["n"] >= 1
+    assert outputs[0] == outputs[1]
