@@ -165,12 +165,12 @@ def room(model, prompt, max_new_tokens):
 def answer(model, tokenizer, turns, pixels, args, rng, out=sys.stdout):
     """Render the dialog, stream the answer to `out`, return its text (None: it did not fit)."""
     prompt = prompt_ids(turns, tokenizer, model.config.style, pixels is not None)
-    budget, length = room(model, prompt, args.max_new_tokens)
+    budget, length = room(model, prompt, args.max_new_tokens or 512)
     if budget == 0:
-        print(f"The dialog is {length} tokens with the image's features, the model's context is "
-              f"{model.config.llm.max_seq_len}: /reset to start again.", file=sys.stderr)
+        print(f"the dialog is {length} tokens with the image's features; it does not fit the model's context "
+              f"of {model.config.llm.max_seq_len}", file=sys.stderr)
         return None
-    if budget < args.max_new_tokens:
+    if args.max_new_tokens and budget < args.max_new_tokens:  # only news when the user asked for more
         print(f"(the answer is capped at {budget} tokens: that is the room left in the context)", file=sys.stderr)
     stream = TextStream(tokenizer)
     for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, rng):
@@ -183,14 +183,14 @@ def answer(model, tokenizer, turns, pixels, args, rng, out=sys.stdout):
 
 # ----------------------------------------------------------------------------- chat
 
-HELP = """Commands: /image PATH [PATH ...] loads other images (a new dialog), /reset starts a new dialog,
-/quit (or Ctrl-D) exits, /help shows this. Ctrl-C stops an answer; it is then left out of the dialog."""
+HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
+/quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
 def chat(model, tokenizer, pixels, args, rng):
     """The interactive loop. History is re-rendered in full each turn; the cache lives for one answer."""
     turns = []
-    print(f"Model {args.model} ({model.config.style} prompts). {HELP}")
+    print(f"Qilin-Med-VL from {args.model} ({model.config.style} prompts). Ask in Chinese or English.\n{HELP}")
     while True:
         try:
             line = input(">>> ").strip()
@@ -209,16 +209,21 @@ def chat(model, tokenizer, pixels, args, rng):
             print("(new dialog about the same image)")
         elif command == "/image":
             try:
-                pixels, turns = load_pixels(shlex.split(rest), model), []
-                print(f"(new dialog about {rest.strip()})")
-            except ValueError as e:  # ImageError, TooManyImages, no path: the old image stays
-                print(f"error: {e or 'give one or more image paths'}", file=sys.stderr)
+                paths = shlex.split(rest)
+                if not paths:
+                    raise ValueError("/image needs one to four image paths")
+                pixels, turns = load_pixels(paths, model), []
+                print(f"(new dialog about {' and '.join(paths)})")
+            except ValueError as e:  # ImageError, TooManyImages, bad quoting: the old image stays
+                print(f"error: {e}", file=sys.stderr)
         elif command.startswith("/"):
             print(f"unknown command {command}. {HELP}")
         else:
             turns.append({"from": "human", "value": line})
             try:
                 reply = answer(model, tokenizer, turns, pixels, args, rng)
+                if reply is None:  # the dialog has outgrown the context
+                    print("(/reset starts a new dialog)")
             except KeyboardInterrupt:  # stop this answer only; a cut-off answer is not kept as history
                 print(" [stopped]", flush=True)
                 reply = None
@@ -297,7 +302,7 @@ def evaluate(model, tokenizer, args, rng):
     def run(batch):
         prompts = [item["prompt"] for item in batch]
         pixels = [item["pixels"] for item in batch if item["pixels"] is not None]
-        budget = min(room(model, p, args.max_new_tokens)[0] for p in prompts)
+        budget = min(room(model, p, args.max_new_tokens or 512)[0] for p in prompts)
         answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, budget, tokenizer.eos_id,
                                  temperature=args.temperature, top_p=args.top_p, rng=rng)
         for item, ids in zip(batch, answers):
@@ -372,7 +377,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="--eval: answers generated together")
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2 in chat, 0 for --eval)")
     p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default 512 or what fits the context)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default bfloat16 on a GPU, float32 on the CPU")
@@ -383,11 +388,19 @@ def main(argv=None):
         p.error("give --model DIR (or --demo)")
     if not args.eval and not args.images:
         p.error("give an image (or --eval FILE)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
     if args.temperature is None:
         args.temperature = 0.0 if args.eval else 0.2
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    rng = torch.Generator(args.device)
-    rng.manual_seed(args.seed) if args.seed is not None else rng.seed()
+    try:
+        rng = torch.Generator(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if args.seed is not None:
+        rng.manual_seed(args.seed)
+    else:
+        rng.seed()
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
         if args.eval:
@@ -406,6 +419,8 @@ def main(argv=None):
     except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while loading or evaluating
+        return 130
 
 
 if __name__ == "__main__":
