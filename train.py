@@ -393,7 +393,7 @@ def main(argv=None):
 
     import deepspeed  # here, so that `--help` and the checks above answer without its start-up cost
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its config dump and per-step notes would drown the bar
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # DeepSpeed's call, torch's deprecation
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
     if rank == 0:
