@@ -292,14 +292,12 @@ def score(prediction, reference, record, turn):
 
 def evaluate(model, tokenizer, args, rng):
     """Answer every assistant turn of every record (the reference dialog before it as history),
-    in left-padded batches; write one JSON line per answer and the metrics."""
-    path = args.eval
-    records = pmc_vqa_to_records(path) if path.lower().endswith(".csv") else read_records(path)
-    image_root = args.image_root or os.path.dirname(os.path.abspath(path))
+    in left-padded batches; write one JSON line per answer; return the metrics."""
+    records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
+    image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
     skipped, results, pending = Counter(), [], []
-    out = open(args.out, "w", encoding="utf-8")
 
-    def run(batch):
+    def run(batch, out):
         prompts = [item["prompt"] for item in batch]
         pixels = [item["pixels"] for item in batch if item["pixels"] is not None]
         budget = min(room(model, p, args.max_new_tokens or 512)[0] for p in prompts)
@@ -313,30 +311,31 @@ def evaluate(model, tokenizer, args, rng):
             results.append(row)
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
-        try:
-            turns = record["conversations"]
-            files = [record["image"]] if isinstance(record.get("image"), str) else record.get("image") or []
-            pixels = load_pixels([os.path.join(image_root, f) for f in files], model) if files else None
-            for k in range(1, len(turns), 2):  # each answer, after the reference dialog before it
-                prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
-                if room(model, prompt, 1)[0] == 0:
-                    skipped["too_long"] += 1
-                    continue
-                pending.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels,
-                                    question=turns[k - 1]["value"], reference=turns[k]["value"]))
-        except ImageError:
-            skipped["missing_or_corrupt_image"] += 1
-        except TooManyImages:
-            skipped["too_many_images"] += 1
-        except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
-            skipped["malformed"] += 1
-        while len(pending) >= args.batch_size:
-            run(pending[:args.batch_size])
-            pending = pending[args.batch_size:]
-    if pending:
-        run(pending)
-    out.close()
+    with open(args.out, "w", encoding="utf-8") as out:
+        for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
+            try:
+                turns, items = record["conversations"], []
+                files = [record["image"]] if isinstance(record.get("image"), str) else record.get("image") or []
+                pixels = load_pixels([os.path.join(image_root, f) for f in files], model) if files else None
+                for k in range(1, len(turns), 2):  # each answer, after the reference dialog before it
+                    prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
+                    if room(model, prompt, 1)[0] == 0:
+                        skipped["answers_over_context"] += 1
+                        continue
+                    items.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels,
+                                      question=turns[k - 1]["value"], reference=turns[k]["value"]))
+                pending += items
+            except ImageError:
+                skipped["records_missing_or_corrupt_image"] += 1
+            except TooManyImages:
+                skipped["records_too_many_images"] += 1
+            except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
+                skipped["records_malformed"] += 1
+            while len(pending) >= args.batch_size:
+                run(pending[:args.batch_size], out)
+                pending = pending[args.batch_size:]
+        if pending:
+            run(pending, out)
     return metrics(results, len(records), skipped)
 
 
@@ -345,7 +344,7 @@ def metrics(results, n_records, skipped):
         return sum(values) / len(values) if values else None
 
     by_kind = {kind: [r for r in results if r["kind"] == kind] for kind in ("multiple_choice", "yes_no", "open")}
-    return {"records": n_records, "answers": len(results), "skipped_records": dict(skipped),
+    return {"records": n_records, "answers": len(results), "skipped": dict(skipped),
             "multiple_choice_accuracy": {"n": len(by_kind["multiple_choice"]),
                                          "value": mean([r["correct"] for r in by_kind["multiple_choice"]])},
             "yes_no_accuracy": {"n": len(by_kind["yes_no"]), "value": mean([r["correct"] for r in by_kind["yes_no"]])},
@@ -358,8 +357,8 @@ def print_metrics(m):
     for name in ("multiple_choice_accuracy", "yes_no_accuracy", "open_recall"):
         value = m[name]["value"]
         print(f"{name:<28}{m[name]['n']:>7}{'-' if value is None else f'{value:.3f}':>9}")
-    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped_records"].items()) or "none"
-    print(f"{m['answers']} answers from {m['records']} records; skipped records: {skipped}")
+    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
+    print(f"{m['answers']} answers from {m['records']} records; skipped: {skipped}")
 
 
 # ----------------------------------------------------------------------------- main

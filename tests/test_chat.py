@@ -366,7 +366,7 @@ def test_eval_batches_match_one_by_one_and_bad_images_are_counted(tmp_path, mode
                           "--batch-size", str(batch_size), "--max-new-tokens", "8"]) == 0
         outputs.append([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()])
         metrics = json.loads((tmp_path / f"answers{batch_size}.metrics.json").read_text())
-        assert metrics["skipped_records"] == {"missing_or_corrupt_image": 2}
+        assert metrics["skipped"] == {"records_missing_or_corrupt_image": 2}
         assert metrics["multiple_choice_accuracy"]["n"] == 1 and metrics["answers"] == len(outputs[-1])
         assert metrics["yes_no_accuracy"]["n"] >= 1 and metrics["open_recall"]["n"] >= 1
     assert outputs[0] == outputs[1]
