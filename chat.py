@@ -257,12 +257,15 @@ def yes_no(text, strict=True):
     return found.pop() if len(found) == 1 else None
 
 
+LEADING_LETTER = re.compile(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])")  # "B", "(C)", "A: CT"; not "A chest"
+STATED_LETTER = re.compile(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])")
+
+
 def choice_letter(prediction, choices):
     """The letter a prediction picks among choices {"A": text, ...}: a leading letter ("B", "(C)",
     "A: ..."), a stated one ("答案是B", "answer is C"), else the one choice whose text it contains."""
     text = prediction.strip()
-    m = re.match(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])", text) or \
-        re.search(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])", text)
+    m = LEADING_LETTER.match(text) or STATED_LETTER.search(text)
     if m and m.group(1) in choices:
         return m.group(1)
     hits = sorted((len(v), k) for k, v in choices.items() if v and v.lower() in text.lower())

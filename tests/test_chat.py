@@ -154,7 +154,7 @@ def test_llava_layout_with_vision_folder_answers_like_our_layout(tmp_path, token
 
 
 def write_llava_layout(model, folder, clip_folder, clip_width=None):
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.llm.state_dict().items()}
+    state = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.llm.state_dict().items()}
     state.update({f"model.mm_projector.{k}": v for k, v in model.projector.state_dict().items()})
     save_weights(state, folder)
     config = dict(model.config.llm.to_hf_config(), model_type="llava", mm_projector_type="mlp2x_gelu",
