@@ -184,7 +184,7 @@ def answer(model, tokenizer, turns, pixels, args, rng, out=sys.stdout):
 # ----------------------------------------------------------------------------- chat
 
 HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
-/quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
+/help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
 def chat(model, tokenizer, pixels, args, rng):
