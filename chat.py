@@ -110,7 +110,7 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
     llm.setup_cache(B, L + max_new_tokens)
     try:
         logits = llm(inputs_embeds=embeds, start_pos=0, positions=(mask.cumsum(1) - 1).clamp(min=0) if padded else None,
-                     pad_mask=mask if padded else None)  # prefill: (B, L, vocab)
+                     pad_mask=mask if padded else None, last_only=True)  # prefill: (B, 1, vocab)
         token = sample(logits[:, -1], temperature, top_p, rng)  # (B,)
         ended = torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):

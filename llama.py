@@ -198,7 +198,8 @@ class Llama(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids=None, *, inputs_embeds=None, start_pos=None, positions=None, pad_mask=None):
+    def forward(self, input_ids=None, *, inputs_embeds=None, start_pos=None, positions=None, pad_mask=None,
+                last_only=False):
         """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab).
 
         Without `start_pos`: a full causal forward with no cache (training, scoring).
@@ -207,6 +208,8 @@ class Llama(nn.Module):
           positions: (B, T) RoPE positions; defaults to the slot numbers. Left-padded batches pass
                      each row's own count of real tokens so far.
           pad_mask:  (B, start_pos + T) bool, False at cache slots holding padding.
+        last_only: logits for the last position only, (B, 1, vocab): a prefill needs no more, and
+        the full (B, T, vocab) matrix can cost more than the layers for a small model.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = x.shape
@@ -224,6 +227,8 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, start_pos, mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):

@@ -229,6 +229,11 @@ class QilinMedVL(nn.Module):
             return cls.from_parts(config, vision_path or cfg["vision_path"], cfg["llm_path"],
                                   path, dtype, device)
         weights = read_weights(path)
+        carries_vision = kind == "qilin_med_vl" or any(
+            k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
+        if vision_path is not None and carries_vision:
+            raise CheckpointError(f"{path}: this checkpoint carries its own vision tower; a separate vision folder "
+                                  f"({vision_path}) is only for LLaVA-layout checkpoints and stage-1 outputs")
         if kind == "qilin_med_vl":
             config = QilinConfig.from_dict(cfg)
             with torch.device("meta"):

@@ -307,3 +307,9 @@ def test_placeholder_count_must_match_images(pixels):
     model = QilinMedVL(demo_config()).eval()
     with pytest.raises(ValueError, match="2 image placeholders in input_ids but 1 images"):
         model(torch.tensor([[1, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 4]]), pixels)
+
+
+def test_vision_folder_refused_where_the_checkpoint_has_its_own(hf_llava, clip_folder, tmp_path):
+    _, folder = hf_llava
+    with pytest.raises(CheckpointError, match="carries its own vision tower"):
+        QilinMedVL.from_pretrained(folder, vision_path=clip_folder)
