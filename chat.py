@@ -377,7 +377,8 @@ def main(argv=None):
     p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
     p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
     p.add_argument("--batch-size", type=int, default=8, help="--eval: answers generated together")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2 in chat, 0 for --eval)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2 in chat; 0 with --question and --eval, "
+                   "so scripts get the same answer every time)")
     p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default 512 or what fits the context)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -393,7 +394,7 @@ def main(argv=None):
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if args.temperature is None:
-        args.temperature = 0.0 if args.eval else 0.2
+        args.temperature = 0.0 if (args.eval or args.question) else 0.2
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
         rng = torch.Generator(args.device)
