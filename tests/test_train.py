@@ -1,0 +1,215 @@
+"""train.py end to end on the CPU: real torchrun launches with 2 processes (gloo), the demo towers,
+the demo tokenizer and the bundled medical images.
+
+Each launch costs ~10 s of start-up, so runs are short (--max-steps) and shared where possible.
+The first DeepSpeed start builds a small communication extension (~45 s), cached under
+TORCH_EXTENSIONS_DIR, which the tests keep in one stable place.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from checkpoint import read_safetensors  # noqa: E402
+from model import QilinMedVL  # noqa: E402
+
+ENV = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get(
+    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions")), PYTHONUNBUFFERED="1")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args, nproc=2, check=True, timeout=240):
+    """`torchrun --standalone --nproc_per_node N train.py ARGS` (nproc=None: plain `python train.py`)."""
+    cmd = [sys.executable, "train.py", *map(str, args)]
+    if nproc:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = dict(ENV, MASTER_PORT=str(free_port()))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def initial_model(*argv):
+    """The model train.py starts from, built the same way (the demo towers are seeded)."""
+    args = train.parse_args(["--demo", *map(str, argv)])
+    model, _, _ = train.build_model(args, torch.float32)
+    return model
+
+
+def tensors(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "stage1"
+    launch("--demo", "--stage", 1, "--max-steps", 3, "--output", out)  # ZeRO-2 (the stage-1 default)
+    return out
+
+
+def test_stage1_trains_only_the_adapter(stage1):
+    start = initial_model("--stage", 1)
+    out = QilinMedVL.from_pretrained(stage1)  # the adapter + the demo towers it recorded
+    assert json.loads((stage1 / "config.json").read_text())["model_type"] == "qilin_med_vl_projector"
+    assert not same(tensors(start.projector), tensors(out.projector))
+    assert same(tensors(start.vision), tensors(out.vision))
+    assert same(tensors(start.llm), tensors(out.llm))
+    rows = metrics(stage1)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["tokens"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] > 0  # warmup starts from 0, as transformers' schedule
+
+
+def test_stage2_zero3_trains_adapter_and_llm_and_loads(stage1, tmp_path):
+    out = tmp_path / "stage2"
+    launch("--demo", "--stage", 2, "--stage1-output", stage1, "--max-steps", 3, "--output", out)  # ZeRO-3
+    start = initial_model("--stage", 2, "--stage1-output", stage1)
+    trained = QilinMedVL.from_pretrained(out)
+    assert same(tensors(start.vision), tensors(trained.vision))
+    assert same(tensors(start.projector), {k: v for k, v in tensors(QilinMedVL.from_pretrained(stage1).projector).items()})
+    before, after = tensors(start.llm), tensors(trained.llm)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert set(before) - set(changed) == set(), f"LLM tensors that did not train: {set(before) - set(changed)}"
+    assert not same(tensors(start.projector), tensors(trained.projector))
+    assert (out / "tokenizer.model").is_file() and not (out.parent / "stage2.tmp").exists()
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(stage1, tmp_path):
+    # stage 2, ZeRO-3: 28 samples, 2 ranks x batch 2 -> 7 steps an epoch, 2 epochs
+    common = ["--demo", "--stage", 2, "--stage1-output", stage1, "--batch-size", 2, "--epochs", 2, "--log-sample-ids"]
+    launch(*common, "--output", tmp_path / "straight", "--save-every", 100)
+    reference = metrics(tmp_path / "straight")
+    assert len(reference) == 14
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *map(str, common), "--output", str(killed), "--save-every", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:  # kill -9 the whole run once it is past step 8
+            path = killed / "metrics.jsonl"
+            if path.is_file() and len(path.read_text().splitlines()) >= 8:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "config.json").exists()
+    assert (killed / "checkpoints" / "latest").read_text().strip() in ("step-00000006", "step-00000009")
+
+    launch(*common, "--output", killed, "--save-every", 3, "--resume")
+    resumed = metrics(killed)
+    assert [r["step"] for r in resumed] == list(range(1, 15))
+    for a, b in zip(reference, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+        assert a["ids"] == b["ids"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+    all_ids = sorted(r["id"] for r in json.loads((ROOT / "samples" / "stage2.json").read_text()))
+    for epoch in (0, 1):  # every sample exactly once an epoch: nothing skipped, nothing repeated
+        seen = sorted(i for r in resumed[7 * epoch:7 * epoch + 7] for i in r["ids"])
+        assert seen == all_ids
+    assert same(tensors(QilinMedVL.from_pretrained(tmp_path / "straight")), tensors(QilinMedVL.from_pretrained(killed)))
+
+
+def test_two_nodes_rendezvous(tmp_path):
+    port, out = free_port(), tmp_path / "two-nodes"
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "train.py", "--demo", "--stage", "1", "--max-steps", "2", "--output", str(out)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "2 processes" in logs[0] and (out / "projector.safetensors").is_file()
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_some_images_missing_are_skipped_and_reported(tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(ROOT / "samples" / "images", images)
+    (images / "head_ct.png").unlink()
+    (images / "retina_fundus.jpg").unlink()
+    proc = launch("--demo", "--stage", 1, "--image-root", images, "--max-steps", 1, "--output", tmp_path / "out", nproc=None)
+    assert "kept 11 of 13" in proc.stdout + proc.stderr and "missing_image 2" in proc.stdout + proc.stderr
+    assert metrics(tmp_path / "out")[0]["skipped"] == 2
+
+
+@pytest.mark.parametrize("case", ["missing data", "no images", "no stage 1", "bad stage 1"])
+def test_bad_inputs_fail_clearly_before_writing(case, tmp_path):
+    out = tmp_path / "out"
+    argv = {"missing data": ["--stage", 1, "--data", tmp_path / "nope.json"],
+            "no images": ["--stage", 1, "--image-root", tmp_path],
+            "no stage 1": ["--stage", 2, "--stage1-output", tmp_path / "nope"],
+            "bad stage 1": ["--stage", 2, "--stage1-output", ROOT / "samples"]}[case]
+    expected = {"missing data": "nope.json: no such file", "no images": "missing_image 13",
+                "no stage 1": "run stage 1 first", "bad stage 1": "no config.json"}[case]
+    proc = launch("--demo", *argv, "--output", out, nproc=None, check=False)
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_refuses_an_output_folder_holding_another_run(stage1, tmp_path):
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stage1.rglob("*") if p.is_file()}
+    proc = launch("--demo", "--stage", 1, "--output", stage1, nproc=None, check=False)
+    assert proc.returncode != 0 and "already holds another run" in proc.stderr and "--overwrite" in proc.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stage1.rglob("*") if p.is_file()} == before
+    proc = launch("--demo", "--stage", 1, "--output", tmp_path / "empty", "--resume", nproc=None, check=False)
+    assert proc.returncode != 0 and "no checkpoints/latest" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    # Step 1 runs at lr 0 (warmup), step 2 at lr 1e37 blows the adapter up, step 3's loss is NaN.
+    proc = launch("--demo", "--stage", 1, "--lr", 1e37, "--max-steps", 6, "--warmup-ratio", 0.1, "--save-every", 1,
+                  "--output", out, check=False)
+    assert proc.returncode != 0 and "step 3: the loss is nan" in proc.stderr, proc.stderr[-3000:]
+    assert "checkpoints/step-00000002" in proc.stderr
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert tag == "step-00000002" and [d for d in os.listdir(out / "checkpoints") if d.startswith("step-")] == [tag]
+    assert any((out / "checkpoints" / tag).iterdir()) and not (out / "projector.safetensors").exists()
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_help_and_deepspeed_config():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--stage1-output" in proc.stdout and "csv_monitor" in proc.stdout
+    args = train.parse_args(["--stage", "2", "--stage1-output", "s1", "--data", "d", "--image-root", "i", "--output", "o"])
+    assert (args.batch_size, args.lr, args.epochs, args.zero, args.max_length) == (16, 2e-5, 1, 3, 2048)
+    config = train.deepspeed_config(args, world_size=8, on_gpu=True)
+    assert config["train_batch_size"] == 128 and config["zero_optimization"]["stage"] == 3
+    assert config["optimizer"]["params"]["weight_decay"] == 0.0
+    assert [round(train.warmup_cosine(s, 3, 100), 6) for s in (0, 3, 100)] == [0.0, 1.0, 0.0]
+    args = train.parse_args(["--stage", "1", "--vision", "v", "--llm", "l", "--data", "d", "--image-root", "i",
+                             "--output", "o", "--local_rank", "3"])  # DeepSpeed's launcher adds --local_rank
+    assert (args.batch_size, args.lr, args.zero) == (32, 1e-3, 2)
