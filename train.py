@@ -72,10 +72,24 @@ PAPER = {1: dict(batch_size=32, lr=1e-3, zero=2), 2: dict(batch_size=16, lr=2e-5
 DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_length=512, warmup_ratio=0.1),
         2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1)}
 A100_BF16_TFLOPS = 312
+EPILOG = """
+--demo defaults: stage 1 batch 4, lr 2e-3, 10 epochs; stage 2 batch 4, lr 1e-3, 60 epochs; max
+length 512, warmup 0.1, output runs/demo-stage{1,2}, stage 2 reads runs/demo-stage1.
+
+metrics.jsonl, one line per optimizer step: step, epoch (fractional), loss (mean over ranks and
+micro-steps), lr (the one this step used), tokens (all ranks, image features included),
+tokens_per_s, mfu (LLM FLOPs / peak, see --peak-tflops), skipped (samples excluded or unreadable
+so far); with --log-sample-ids also ids.
+
+DeepSpeed's own monitors (off by default) are switched on with --deepspeed-config, e.g.
+  {"tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "stage2"},
+   "csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
+"""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: train the adapter (feature alignment); 2: the adapter and the LLM (instruction tuning)")
     p.add_argument("--demo", action="store_true",
@@ -98,22 +112,22 @@ def parse_args(argv=None):
     g.add_argument("--max-length", type=int, help="longest sequence, image features included (default 2048)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per GPU per micro-step (default 32 stage 1, 16 stage 2)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 stage 1, 2e-5 stage 2)")
     g.add_argument("--epochs", type=int, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule ends there)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, at most --epochs epochs (the lr schedule ends there)")
     g.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up (default 0.03)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (HF Trainer's default)")
-    g.add_argument("--seed", type=int, default=42, help="data order, paper prompt choice, demo towers")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (default 1.0, as LLaVA's trainer)")
+    g.add_argument("--seed", type=int, default=42, help="data order, paper prompt choice, demo towers (default 42)")
     g = p.add_argument_group("system")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 2 in stage 1, 3 in stage 2)")
     g.add_argument("--offload", choices=("none", "optimizer", "all"), default="none",
-                   help="move Adam states (optimizer) and with ZeRO-3 also the weights (all) to CPU memory")
+                   help="move the Adam states (optimizer), and with ZeRO-3 also the weights (all), to CPU memory (default none)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each LLM block in the backward pass instead of storing its activations")
+                   help="recompute each LLM block in the backward pass instead of storing its activations (default on)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
+                   help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE",
                    help="JSON merged over the config built in deepspeed_config(); e.g. switch on DeepSpeed's monitors "
                         "with {\"tensorboard\": {\"enabled\": true, \"output_path\": \"runs/tb\"}} or \"csv_monitor\"")
@@ -121,7 +135,7 @@ def parse_args(argv=None):
     g.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s of one GPU/process for MFU (default 312, A100 bf16; on CPU measured at start)")
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps")
+    g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --output and start afresh")
     g.add_argument("--log-sample-ids", action="store_true",
