@@ -588,6 +588,7 @@ def main(argv=None):
             f"after {step} steps; {dropped} unreadable samples skipped while training")
         metrics.close()
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
