@@ -524,8 +524,8 @@ def main(argv=None):
             # Before applying the update: did any rank see a non-finite loss?
             totals = acc.clone()
             dist.all_reduce(totals)
-            loss_value = totals[0].item() / max(totals[1].item(), 1)
-            if not math.isfinite(loss_value):
+            loss_value = totals[0].item() / totals[1].item() if totals[1] else None  # None: no readable sample
+            if loss_value is not None and not math.isfinite(loss_value):
                 latest = os.path.join(args.output, "checkpoints", "latest")
                 kept = open(latest).read().strip() if os.path.isfile(latest) else None
                 fail(f"step {step + 1}: the loss is {loss_value}; stopping before the update. "
@@ -548,7 +548,7 @@ def main(argv=None):
             if rank == 0:
                 metrics.write(json.dumps(record, ensure_ascii=False) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                bar.set_postfix(loss="-" if loss_value is None else f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 mfu=f"{100 * record['mfu']:.1f}%", refresh=False)
                 bar.update()
             if micro_done == len(batches):
