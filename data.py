@@ -357,21 +357,39 @@ class ChiMedDataset(torch.utils.data.Dataset):
         self.min_answer_chars = min_answer_chars
         self.records = read_records(data_path)
         self.skipped = Counter()
-        self.kept, self.cuts, self.lengths = [], [], []  # record index, ids kept, expanded length
+        self.epoch = 0  # exclusions and lengths are measured with epoch 0's prompts
+        self.kept, self.lengths = [], []  # record index, expanded length
         for index, record in enumerate(self.records):
             reason, detail, cut, length = self._check(index, record)
             if reason:
                 self._exclude(index, record, reason, detail)
             else:
                 self.kept.append(index)
-                self.cuts.append(cut)
                 self.lengths.append(length)
 
+    def set_epoch(self, epoch):
+        """Draw fresh paper prompts: over several epochs each sample meets several of them, so the
+        model cannot tie an answer to one prompt's wording. (The paper trains one epoch.)"""
+        self.epoch = epoch
+
     def _render(self, index):
-        # the paper prompt for record i is seeded by (seed, i): the same whatever order or worker
-        rng = np.random.default_rng([self.seed, index])
+        # the paper prompt for record i is seeded by (seed, epoch, i): the same whatever order or worker
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         turns = build_conversation(self.records[index], self.stage, self.style, rng)
         return render(turns, self.tokenizer, self.template)
+
+    def _cut(self, ids, labels):
+        """How many ids to keep so that the sequence fits max_length AFTER image expansion, never
+        cutting into an image and keeping something to learn; None if that is impossible."""
+        cut, total = len(ids), 0
+        for n, i in enumerate(ids):
+            total += self.num_image_tokens if i == IMAGE_TOKEN_INDEX else 1
+            if total > self.max_length:
+                cut = n
+                break
+        if IMAGE_TOKEN_INDEX in ids[cut:] or all(x == IGNORE_INDEX for x in labels[:cut]):
+            return None
+        return cut
 
     def _check(self, index, record):
         """(reason, detail, cut, expanded length): reason is None for a sample to keep."""
@@ -392,14 +410,8 @@ class ChiMedDataset(torch.utils.data.Dataset):
             ids, labels = self._render(index)
         except ValueError as e:
             return "malformed", str(e), 0, 0
-        # truncate AFTER counting image features; never cut into an image, keep something to learn
-        cut, total = len(ids), 0
-        for n, i in enumerate(ids):
-            total += self.num_image_tokens if i == IMAGE_TOKEN_INDEX else 1
-            if total > self.max_length:
-                cut = n
-                break
-        if IMAGE_TOKEN_INDEX in ids[cut:] or all(x == IGNORE_INDEX for x in labels[:cut]):
+        cut = self._cut(ids, labels)
+        if cut is None:
             return "too_long", (f"{expanded_length(ids, self.num_image_tokens)} tokens with image features; "
                                 f"no learned token fits in max_length={self.max_length}"), 0, 0
         return None, "", cut, expanded_length(ids[:cut], self.num_image_tokens)
@@ -422,7 +434,13 @@ class ChiMedDataset(torch.utils.data.Dataset):
         index = self.kept[k]
         record = self.records[index]
         ids, labels = self._render(index)
-        ids, labels = ids[:self.cuts[k]], labels[:self.cuts[k]]  # already fits after expansion
+        cut = self._cut(ids, labels)  # another epoch's prompt may be longer than epoch 0's
+        if cut is None:
+            self.skipped["too_long"] += 1
+            warnings.warn(f"skipping sample {index} (id {record.get('id')!r}) this epoch: its prompt leaves "
+                          f"no answer token within max_length={self.max_length}")
+            return None
+        ids, labels = ids[:cut], labels[:cut]
         files = image_files(record)
         try:
             images = [load_image(os.path.join(self.image_root, f)) for f in files]

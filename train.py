@@ -435,28 +435,17 @@ def main(argv=None):
     log(f"MFU against a peak of {peak:.3g} TFLOP/s per process "
         f"({'--peak-tflops' if args.peak_tflops else 'A100 bf16' if on_gpu else 'measured: fp32 matmul on this CPU'})")
 
-    def make_dataset(epoch):
-        # The paper style wraps each sample in a prompt drawn by (seed, sample index). Over several
-        # epochs a fresh draw each epoch lets every sample meet several prompts, so the model
-        # cannot tie an answer to one prompt's wording. (One epoch, the paper's, is unaffected.)
-        if epoch == 0 or args.style == "release":
-            return dataset
-        return ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
-                             style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
-                             max_length=args.max_length, num_image_tokens=model.num_image_tokens,
-                             seed=args.seed + epoch)
-
     def epoch_batches(epoch):
         # This rank's batches: the sampler's order is a pure function of (seed, epoch, rank), so a
         # resumed run finds the same batches and skips the ones already trained.
-        data = make_dataset(epoch)
-        sampler = LengthGroupedSampler(data.lengths, args.batch_size, world, rank, args.seed)
+        dataset.set_epoch(epoch)  # paper style: fresh prompts each epoch (data.py)
+        sampler = LengthGroupedSampler(dataset.lengths, args.batch_size, world, rank, args.seed)
         sampler.set_epoch(epoch)
         order = list(sampler)
         n = len(order) // args.batch_size // args.grad_accum * args.grad_accum  # a last partial accumulation is dropped
-        return data, [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(n)]
+        return [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(n)]
 
-    _, first = epoch_batches(0)
+    first = epoch_batches(0)
     micro_per_epoch = len(first)
     steps_per_epoch = micro_per_epoch // args.grad_accum
     if steps_per_epoch == 0:
@@ -495,8 +484,8 @@ def main(argv=None):
     acc = torch.zeros(5, dtype=torch.float64)
     ids_seen = []
     while step < total_steps and epoch < args.epochs:
-        data, batches = epoch_batches(epoch)
-        loader = DataLoader(data, batch_sampler=batches[micro_done:],  # resume: skip what was trained
+        batches = epoch_batches(epoch)
+        loader = DataLoader(dataset, batch_sampler=batches[micro_done:],  # resume: skip what was trained
                             collate_fn=partial(collate, pad_id=pad_id), num_workers=args.num_workers)
         for batch in loader:
             micro_done += 1

@@ -155,6 +155,14 @@ def test_dataset_paper_prompts_are_reproducible(demo_tok):
     ids = lambda ds: [ds._render(i)[0] for i in ds.kept]  # noqa: E731
     assert ids(a) == ids(b) and ids(a) != ids(c)
     assert a.lengths == b.lengths
+    # A new epoch draws new prompts, reproducibly; every sample still fits max_length.
+    epoch0 = ids(a)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert ids(a) == ids(b) != epoch0
+    assert all(s is None or len(s["input_ids"]) <= a.max_length for s in (a[k] for k in range(len(a))))
+    a.set_epoch(0)
+    assert ids(a) == epoch0
 
 
 def test_one_placeholder_per_sample(demo_tok, tmp_path):

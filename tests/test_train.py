@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,30 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from conftest import ENV, free_port, launch  # noqa: E402
 from checkpoint import read_safetensors  # noqa: E402
 from model import QilinMedVL  # noqa: E402
-
-ENV = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get(
-    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions")), PYTHONUNBUFFERED="1")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*args, nproc=2, check=True, timeout=240):
-    """`torchrun --standalone --nproc_per_node N train.py ARGS` (nproc=None: plain `python train.py`)."""
-    cmd = [sys.executable, "train.py", *map(str, args)]
-    if nproc:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    env = dict(ENV, MASTER_PORT=str(free_port()))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
 
 def metrics(folder):
     return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
