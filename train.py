@@ -550,15 +550,19 @@ def main(argv=None):
                 break
     bar.close()
 
-    # The trained model. ZeRO-3 keeps a slice of every weight on each rank: gather them on rank 0.
+    # The trained model. ZeRO-3 keeps a slice of every weight on each rank: gather them one at a
+    # time (every rank takes part in each gather) into a CPU copy of the whole model on rank 0.
+    full = model
     if args.zero == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # all ranks take part; rank 0 gets the tensors
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    state[name] = p.detach().cpu().clone()
         if rank == 0:
             with torch.device("meta"):
                 full = QilinMedVL(config)
             full.load_state_dict(state, strict=True, assign=True)
-    else:
-        full = model
     if rank == 0:
         if args.stage == 1:
             vision, llm = args.vision, args.llm
