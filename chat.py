@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import (STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages, build_conversation, concat_images,
-                  expanded_length, load_image, pmc_vqa_to_records, preprocess_image, read_records, render)
+from data import (STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages, build_conversation, expanded_length,
+                  image_input, pmc_vqa_to_records, read_records, render)
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
@@ -56,8 +56,7 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
 
 def load_pixels(paths, model):
     """1..4 image files -> one composite, fitted as the model was trained: (1, 3, S, S)."""
-    image = concat_images([load_image(p) for p in paths])
-    return preprocess_image(image, model.config.vision.image_size, model.config.image_fit)[None]
+    return image_input(paths, model.config.vision.image_size, model.config.image_fit)[None]
 
 
 def prompt_ids(turns, tokenizer, style, has_image=True):

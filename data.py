@@ -146,6 +146,13 @@ def preprocess_image(image, size=336, mode="pad"):
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
+def image_input(paths, size=336, mode="pad"):
+    """1..4 image files of one sample -> the model's input: one composite, fitted, (3, size, size)."""
+    if len(paths) > MAX_IMAGES:  # before reading any of them
+        raise TooManyImages(f"{len(paths)} images for one sample; at most {MAX_IMAGES} are concatenated")
+    return preprocess_image(concat_images([load_image(p) for p in paths]), size, mode)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
@@ -443,8 +450,8 @@ class ChiMedDataset(torch.utils.data.Dataset):
         ids, labels = ids[:cut], labels[:cut]
         files = image_files(record)
         try:
-            images = [load_image(os.path.join(self.image_root, f)) for f in files]
-            pixels = [preprocess_image(concat_images(images), self.image_size, self.image_fit)] if files else []
+            paths = [os.path.join(self.image_root, f) for f in files]
+            pixels = [image_input(paths, self.image_size, self.image_fit)] if files else []
         except ImageError as e:
             self.skipped["unreadable_image"] += 1
             warnings.warn(f"skipping sample {index} (id {record.get('id')!r}): {e}")
