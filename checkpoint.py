@@ -43,9 +43,6 @@ class Weights:
     files: dict
     folder: str
 
-    def where(self, key):
-        return os.path.join(self.folder, self.files[key])
-
 
 def read_config(folder):
     """The folder's config.json as a dict."""
@@ -67,8 +64,11 @@ def weight_files(folder):
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if index in names:
-            with open(os.path.join(folder, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(os.path.join(folder, index)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                raise CheckpointError(f"{folder}/{index}: not a valid index (expected JSON with a weight_map)") from None
             missing = [s for s in shards if s not in names]
             if missing:
                 raise CheckpointError(f"{folder}/{index} names shard files that are not there: {missing}")
@@ -111,6 +111,8 @@ def read_safetensors(path):
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     tensors = {}
     for key, v in header.items():
+        if v["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
         dtype = SAFETENSORS_DTYPES[v["dtype"]]
         begin, stop = v["data_offsets"]
         itemsize = torch.tensor([], dtype=dtype).element_size()

@@ -176,19 +176,6 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if i >= 0])  # image placeholders and ignore labels are not text
 
 
-def train_tokenizer(texts, model_prefix, vocab_size):
-    """Train a small BPE SentencePiece model laid out like LLaMA-2's; writes {model_prefix}.model/.vocab."""
-    lines = [line for text in texts for line in text.split("\n") if line.strip()]  # "\n" is a byte piece
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(model_prefix), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True,
-        normalization_rule_name="identity",  # exact round trips, full-width punctuation kept
-        split_digits=True, remove_extra_whitespaces=False, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # as LLaMA-2: no pad piece, Tokenizer pads with unk
-        num_threads=1, minloglevel=2)
-    return f"{model_prefix}.model"
-
-
 # ----------------------------------------------------------------------------- prompts and templates
 
 def _strip_image(text):
@@ -367,7 +354,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
         self.epoch = 0  # exclusions and lengths are measured with epoch 0's prompts
         self.kept, self.lengths = [], []  # record index, expanded length
         for index, record in enumerate(self.records):
-            reason, detail, cut, length = self._check(index, record)
+            reason, detail, length = self._check(index, record)
             if reason:
                 self._exclude(index, record, reason, detail)
             else:
@@ -399,29 +386,29 @@ class ChiMedDataset(torch.utils.data.Dataset):
         return cut
 
     def _check(self, index, record):
-        """(reason, detail, cut, expanded length): reason is None for a sample to keep."""
+        """(reason, detail, expanded length once truncated): reason is None for a sample to keep."""
         problem = _schema_problem(record)
         if problem:
-            return "malformed", problem, 0, 0
+            return "malformed", problem, 0
         files = image_files(record)
         if len(files) > MAX_IMAGES:
-            return "too_many_images", f"{len(files)} images (at most {MAX_IMAGES})", 0, 0
+            return "too_many_images", f"{len(files)} images (at most {MAX_IMAGES})", 0
         missing = [f for f in files if not os.path.isfile(os.path.join(self.image_root, f))]
         if missing:
-            return "missing_image", f"{os.path.join(self.image_root, missing[0])} does not exist", 0, 0
+            return "missing_image", f"{os.path.join(self.image_root, missing[0])} does not exist", 0
         short = [t["value"] for t in record["conversations"]
                  if t["from"] == "gpt" and len(t["value"].strip()) < self.min_answer_chars]
         if short:
-            return "too_short", f"answer {short[0]!r} is under {self.min_answer_chars} characters", 0, 0
+            return "too_short", f"answer {short[0]!r} is under {self.min_answer_chars} characters", 0
         try:
             ids, labels = self._render(index)
         except ValueError as e:
-            return "malformed", str(e), 0, 0
+            return "malformed", str(e), 0
         cut = self._cut(ids, labels)
         if cut is None:
             return "too_long", (f"{expanded_length(ids, self.num_image_tokens)} tokens with image features; "
-                                f"no learned token fits in max_length={self.max_length}"), 0, 0
-        return None, "", cut, expanded_length(ids[:cut], self.num_image_tokens)
+                                f"no learned token fits in max_length={self.max_length}"), 0
+        return None, "", expanded_length(ids[:cut], self.num_image_tokens)
 
     def _exclude(self, index, record, reason, detail):
         name = record.get("id", "?") if isinstance(record, dict) else "?"
@@ -562,26 +549,13 @@ def pmc_vqa_to_records(csv_path):
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
-def build_demo_tokenizer(vocab_size=1500):
-    """samples/tokenizer.model from every text the demo shows the model, plus some English."""
-    texts = [TEMPLATES["v1"]["system"], "USER: ASSISTANT:"]
-    texts += [_strip_image(p).replace("<question>", "") for p in ALIGNMENT_PROMPTS + INSTRUCTION_PROMPTS]
-    for name in ("stage1.json", "stage2.json"):
-        texts += [_strip_image(t["value"]) for r in read_records(SAMPLES / name) for t in r["conversations"]]
-    texts += (SAMPLES / "extra_text.txt").read_text(encoding="utf-8").splitlines()
-    return train_tokenizer(texts, SAMPLES / "tokenizer", vocab_size)
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Show how a demo sample is rendered, or build demo files.")
-    parser.add_argument("--build-demo-tokenizer", action="store_true", help="retrain samples/tokenizer.model")
+    parser = argparse.ArgumentParser(description="Show how a demo sample is rendered, or convert PMC-VQA.")
     parser.add_argument("--pmc-vqa", nargs=2, metavar=("CSV", "OUT_JSON"), help="convert PMC-VQA to records")
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--style", default="paper", choices=("paper", "release"))
     args = parser.parse_args()
-    if args.build_demo_tokenizer:
-        print("wrote", build_demo_tokenizer())
-    elif args.pmc_vqa:
+    if args.pmc_vqa:
         records = pmc_vqa_to_records(args.pmc_vqa[0])
         Path(args.pmc_vqa[1]).write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
         print(f"wrote {len(records)} records to {args.pmc_vqa[1]}")

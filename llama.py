@@ -17,7 +17,7 @@ Reference: Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Mo
 names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,6 @@ class LlamaArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
-    tie_embeddings: bool = False
 
     @property
     def head_dim(self):
@@ -66,20 +65,21 @@ class LlamaArgs:
         dim = c.get("hidden_size", 4096)
         if c.get("head_dim", dim // n_heads) != dim // n_heads:
             raise ValueError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+        if c.get("tie_word_embeddings"):
+            raise ValueError("tie_word_embeddings is not supported: LLaMA-2 has separate input and output embeddings")
         return cls(dim=dim, n_layers=c.get("num_hidden_layers", 32), n_heads=n_heads,
                    n_kv_heads=c.get("num_key_value_heads") or n_heads,
                    intermediate_size=c.get("intermediate_size", 11008), vocab_size=c.get("vocab_size", 32000),
                    norm_eps=c.get("rms_norm_eps", 1e-6),
                    rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-                   max_seq_len=c.get("max_position_embeddings", 4096),
-                   tie_embeddings=c.get("tie_word_embeddings", False))
+                   max_seq_len=c.get("max_position_embeddings", 4096))
 
     def to_hf_config(self):
         return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=self.dim,
                     num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
                     num_key_value_heads=self.n_kv_heads, intermediate_size=self.intermediate_size,
                     vocab_size=self.vocab_size, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                    max_position_embeddings=self.max_seq_len, tie_word_embeddings=self.tie_embeddings,
+                    max_position_embeddings=self.max_seq_len, tie_word_embeddings=False,
                     hidden_act="silu", bos_token_id=1, eos_token_id=2)
 
 
@@ -195,8 +195,6 @@ class Llama(nn.Module):
         for m in self.modules():  # the init LLaMA was trained from; loading replaces it
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
-        if args.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids=None, *, inputs_embeds=None, start_pos=None, positions=None, pad_mask=None,
                 last_only=False):
@@ -243,12 +241,14 @@ class Llama(nn.Module):
             layer.self_attn.cache = None
 
     def flops_per_token(self, seq_len, backward=True):
-        """Matmul FLOPs per token (nanoGPT's / PaLM's estimate): 2N forward, 2x that again for the
-        backward, plus attention's 12*L*d*T (for forward+backward). The embedding lookup is free.
-        Stage 1 (frozen LLM, gradients still flow through it): about 4N, not 6N."""
+        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per weight (multiply and add)
+        forward, twice that again backward, so 6N with the backward; plus attention's scores and
+        weighted sum, 2 * 2 * d * T per layer forward (counted over the full T x T square, though
+        causal attention needs half), so 12 * L * d * T with the backward. The embedding lookup
+        is free. Stage 1 (frozen LLM, gradients still flow through it to the adapter) does no
+        weight gradients: about 2x forward, 4N, rather than 6N."""
         n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
-        attn = 2 * self.args.n_layers * self.args.dim * seq_len  # forward, causal half counted full
-        forward = 2 * n + attn
+        forward = 2 * n + 4 * self.args.n_layers * self.args.dim * seq_len
         return 3 * forward if backward else forward
 
     @classmethod
@@ -256,22 +256,9 @@ class Llama(nn.Module):
         """Load a Hugging Face LLaMA folder (LlamaForCausalLM weights + config.json)."""
         args = LlamaArgs.from_hf_config(read_config(path))
         weights = read_weights(path)
-        return cls.from_weights(args, weights, llama_key, dtype, device)
-
-    @classmethod
-    def from_weights(cls, args, weights, key_map, dtype=None, device=None):
         with torch.device("meta"):
             model = cls(args)
-        if args.tie_embeddings:  # one matrix serves both ends; the checkpoint stores it once
-            model.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False, device="meta")
-            embed = next(k for k in weights.tensors if key_map(k) == "embed_tokens.weight")
-            head = embed.replace("model.embed_tokens", "lm_head")
-            weights.tensors.setdefault(head, weights.tensors[embed])
-            weights.files.setdefault(head, weights.files[embed])
-        assign_weights(model, weights, key_map, dtype=dtype, device=device, what="LLaMA model")
-        if args.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        return model
+        return assign_weights(model, weights, llama_key, dtype=dtype, device=device, what="LLaMA model")
 
 
 def llama_key(key):

@@ -99,6 +99,8 @@ class QilinMedVL(nn.Module):
         Returns embeds (B, L, dim), labels (B, L) or None, and mask (B, L), True at real positions.
         """
         is_image = input_ids == IMAGE_TOKEN_INDEX
+        if attention_mask is not None and bool((is_image & ~attention_mask.bool()).any()):
+            raise ValueError("an image placeholder stands where attention_mask marks padding")
         n_placeholders = int(is_image.sum())
         n_images = 0 if pixel_values is None else len(pixel_values)
         if n_placeholders != n_images:
@@ -141,10 +143,7 @@ class QilinMedVL(nn.Module):
     def save_pretrained(self, folder, tokenizer=None, max_shard_bytes=5 * 2**30):
         """Our layout: safetensors shards + index, config.json, and a copy of tokenizer.model."""
         save_weights(self.state_dict(), folder, max_shard_bytes)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+        write_config(folder, self.config.to_dict(), tokenizer)
 
     def save_projector(self, folder, vision_path=None, llm_path=None, tokenizer=None):
         """Stage 1's output: the adapter alone (projector.safetensors) and a config that records
@@ -153,13 +152,9 @@ class QilinMedVL(nn.Module):
         save_weights(self.projector.state_dict(), os.path.join(folder, "projector"))
         os.replace(os.path.join(folder, "projector", "model.safetensors"), os.path.join(folder, "projector.safetensors"))
         os.rmdir(os.path.join(folder, "projector"))
-        config = dict(self.config.to_dict(), model_type="qilin_med_vl_projector",
-                      vision_path=vision_path and os.path.abspath(vision_path),
-                      llm_path=llm_path and os.path.abspath(llm_path))
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+        write_config(folder, dict(self.config.to_dict(), model_type="qilin_med_vl_projector",
+                                  vision_path=vision_path and os.path.abspath(vision_path),
+                                  llm_path=llm_path and os.path.abspath(llm_path)), tokenizer)
 
     def export_llava_hf(self, folder, tokenizer=None):
         """Write transformers' llava-hf layout (LlavaForConditionalGeneration, transformers 5 key
@@ -190,10 +185,7 @@ class QilinMedVL(nn.Module):
                       image_token_index=image_token, image_seq_length=self.num_image_tokens,
                       vision_feature_layer=self.config.select_layer, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+        write_config(folder, config, tokenizer)
 
     # ---- loading ------------------------------------------------------------------------------
 
@@ -201,16 +193,20 @@ class QilinMedVL(nn.Module):
     def from_parts(cls, config, vision_path=None, llm_path=None, projector_path=None, dtype=None, device=None):
         """Assemble a model for training: official towers from their own folders (random ones where
         a path is None, as in the demo), the adapter from stage 1's output (our folder, or LLaVA's
-        `mm_projector.bin`) or freshly initialised."""
-        model = cls(config)
+        `mm_projector.bin`) or freshly initialised. Only what has no path is initialised at random;
+        at 13B a random fp32 LLM built first and then overwritten would cost 52 GB and minutes."""
+        with torch.device("meta"):
+            model = cls(config)
         if vision_path is not None:
             model.vision = VisionTransformer.from_pretrained(vision_path, dtype, device)
             check_vision(model.vision.args, config.vision, vision_path)
-        if llm_path is not None:
-            model.llm = Llama.from_pretrained(llm_path, dtype, device)
+        else:
+            model.vision = VisionTransformer(config.vision).requires_grad_(False)
+        model.llm = Llama.from_pretrained(llm_path, dtype, device) if llm_path is not None else Llama(config.llm)
+        model.projector = build_projector(config.projector, config.vision.dim, config.llm.dim)
         if projector_path is not None:
-            load_projector(model.projector, projector_path, dtype, device)
-        return model.to(device=device, dtype=dtype) if (dtype or device) else model
+            load_projector(model.projector, projector_path)
+        return model.to(device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path, vision_path=None, dtype=None, device=None):
@@ -229,9 +225,8 @@ class QilinMedVL(nn.Module):
             return cls.from_parts(config, vision_path or cfg["vision_path"], cfg["llm_path"],
                                   path, dtype, device)
         weights = read_weights(path)
-        carries_vision = kind == "qilin_med_vl" or any(
-            k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
-        if vision_path is not None and carries_vision:
+        llava_hf = any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
+        if vision_path is not None and (kind == "qilin_med_vl" or llava_hf):
             raise CheckpointError(f"{path}: this checkpoint carries its own vision tower; a separate vision folder "
                                   f"({vision_path}) is only for LLaVA-layout checkpoints and stage-1 outputs")
         if kind == "qilin_med_vl":
@@ -242,7 +237,7 @@ class QilinMedVL(nn.Module):
             return model.requires_grad_(False)
         if any(k.startswith("model.mm_projector.") for k in weights.tensors):
             return cls._from_llava(cfg, weights, vision_path, dtype, device)
-        if any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors):
+        if llava_hf:
             return cls._from_llava_hf(cfg, weights, dtype, device)
         prefixes = sorted({".".join(k.split(".")[:2]) for k in weights.tensors})[:10]
         raise CheckpointError(f"{path}: not a Qilin-Med-VL, LLaVA or llava-hf checkpoint (config model_type "
@@ -300,6 +295,14 @@ class QilinMedVL(nn.Module):
             model = cls(config)
         assign_weights(model, weights, llava_hf_key, dtype, device, what="llava-hf model")
         return model.requires_grad_(False)
+
+
+def write_config(folder, config, tokenizer=None):
+    """config.json, and a copy of the SentencePiece tokenizer.model that chat.py reads beside it."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
 
 
 def llava_hf_key(key):

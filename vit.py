@@ -50,6 +50,8 @@ class VisionArgs:
         """From a CLIPConfig (vision part nested under `vision_config`) or a flat CLIPVisionConfig.
         Absent keys take Hugging Face's defaults."""
         c = config.get("vision_config", config)
+        if c.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
+            raise ValueError(f"vision hidden_act {c['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
         return cls(image_size=c.get("image_size", 224), patch_size=c.get("patch_size", 32),
                    dim=c.get("hidden_size", 768), n_layers=c.get("num_hidden_layers", 12),
                    n_heads=c.get("num_attention_heads", 12), intermediate_size=c.get("intermediate_size", 3072),

@@ -313,3 +313,11 @@ def test_vision_folder_refused_where_the_checkpoint_has_its_own(hf_llava, clip_f
     _, folder = hf_llava
     with pytest.raises(CheckpointError, match="carries its own vision tower"):
         QilinMedVL.from_pretrained(folder, vision_path=clip_folder)
+
+
+def test_placeholder_in_padding_is_refused(pixels):
+    model = QilinMedVL(demo_config()).eval()
+    ids = torch.tensor([[1, 4, 5, 6], [1, 7, 0, IMAGE_TOKEN_INDEX]])
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    with pytest.raises(ValueError, match="placeholder stands where attention_mask marks padding"):
+        model(ids, pixels, attention_mask=mask)

@@ -298,3 +298,24 @@ def test_loaded_weights_are_not_written_back(llama_folder):
         for p in model.parameters():
             p.add_(1.0)
     assert (llama_folder / "model.safetensors").read_bytes() == before
+
+
+def test_bad_index_and_unknown_dtype_are_named(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a valid index"):
+        Llama.from_pretrained(tmp_path / "m")
+    header = json.dumps({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    (tmp_path / "f8").mkdir()
+    (tmp_path / "f8" / "config.json").write_text(json.dumps(llama_config().to_dict()))
+    (tmp_path / "f8" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0")
+    with pytest.raises(CheckpointError, match="tensor x has dtype F8_E4M3"):
+        Llama.from_pretrained(tmp_path / "f8")
+
+
+def test_unsupported_configs_are_refused():
+    with pytest.raises(ValueError, match="tie_word_embeddings is not supported"):
+        LlamaArgs.from_hf_config({"tie_word_embeddings": True})
+    with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
+        VisionArgs.from_hf_config({"hidden_act": "relu"})
