@@ -31,15 +31,18 @@ filesystem for --output, since every rank writes its part of each checkpoint):
 DeepSpeed's own launcher works too (`deepspeed --num_gpus 8 train.py --stage 1 ...`): it sets
 the same RANK / WORLD_SIZE / LOCAL_RANK variables and adds a --local_rank argument, ignored here.
 
-The demo trains tiny random towers on the bundled samples on a CPU (about 2 minutes a stage):
+The demo trains tiny random towers on the bundled samples on a CPU. On 2 cores stage 1 takes
+about 10 s and stage 2 about 50 s, after DeepSpeed's first start has built a small extension
+(about 45 s, once):
 
     torchrun --standalone --nproc_per_node 2 train.py --demo --stage 1
     torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2
 
 The output folder holds metrics.jsonl (one line per step), args.json, checkpoints/ (every
---save-every steps; --resume continues from the latest after a crash or kill) and, at the end,
-the model: stage 1 the adapter (projector.safetensors + config.json), stage 2 the whole model,
-which `QilinMedVL.from_pretrained(folder)` and chat.py load.
+--save-every steps, each with a run.json of the settings a resumption must share; --resume
+continues from the latest after a crash or kill) and, at the end, the model: stage 1 the adapter
+(projector.safetensors + config.json), stage 2 the whole model, which
+`QilinMedVL.from_pretrained(folder)` and chat.py load.
 """
 
 import argparse
@@ -63,23 +66,23 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config, save_weights
 from data import SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
-from llama import LlamaArgs
+from llama import Llama, LlamaArgs
 from model import IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL
 from vit import VisionArgs
 
 # Paper section 5.2, per stage; --demo replaces them with values that train a tiny model on a CPU.
 PAPER = {1: dict(batch_size=32, lr=1e-3, zero=2), 2: dict(batch_size=16, lr=2e-5, zero=3)}
-DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_length=512, warmup_ratio=0.1),
-        2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1)}
+DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_length=512, warmup_ratio=0.1,
+                output="runs/demo-stage1"),
+        2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1,
+                output="runs/demo-stage2", stage1_output="runs/demo-stage1")}
 A100_BF16_TFLOPS = 312
 EPILOG = """
---demo defaults: stage 1 batch 4, lr 2e-3, 10 epochs; stage 2 batch 4, lr 1e-3, 60 epochs; max
-length 512, warmup 0.1, output runs/demo-stage{1,2}, stage 2 reads runs/demo-stage1.
-
 metrics.jsonl, one line per optimizer step: step, epoch (fractional), loss (mean over ranks and
 micro-steps), lr (the one this step used), tokens (all ranks, image features included),
-tokens_per_s, mfu (LLM FLOPs / peak, see --peak-tflops), skipped (samples excluded or unreadable
-so far); with --log-sample-ids also ids.
+tokens_per_s, mfu (LLM FLOPs / peak, see --peak-tflops), skipped (samples excluded when the data
+was read, plus those dropped while training: an unreadable image, or too long with that epoch's
+prompt); with --log-sample-ids also ids.
 
 DeepSpeed's own monitors (off by default) are switched on with --deepspeed-config, e.g.
   {"tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "stage2"},
@@ -88,8 +91,10 @@ DeepSpeed's own monitors (off by default) are switched on with --deepspeed-confi
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = "\n".join(f"  stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+                     for stage, values in DEMO.items())  # made from DEMO, so that --help cannot drift from it
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"\n--demo defaults (data and images from samples/):\n{demo}\n{EPILOG}")
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: train the adapter (feature alignment); 2: the adapter and the LLM (instruction tuning)")
     p.add_argument("--demo", action="store_true",
@@ -129,8 +134,7 @@ def parse_args(argv=None):
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE",
-                   help="JSON merged over the config built in deepspeed_config(); e.g. switch on DeepSpeed's monitors "
-                        "with {\"tensorboard\": {\"enabled\": true, \"output_path\": \"runs/tb\"}} or \"csv_monitor\"")
+                   help="JSON merged over the config built in deepspeed_config() (an example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
     g.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s of one GPU/process for MFU (default 312, A100 bf16; on CPU measured at start)")
@@ -146,13 +150,18 @@ def parse_args(argv=None):
     # Fill what was not given: demo values, then the paper's, then the stage-1 run's own choices.
     defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4)
     if args.demo:
-        defaults.update(DEMO[args.stage], data=str(SAMPLES / f"stage{args.stage}.json"),
-                        image_root=str(SAMPLES / "images"), output=f"runs/demo-stage{args.stage}")
-        if args.stage == 2:
-            defaults["stage1_output"] = "runs/demo-stage1"
+        defaults.update(DEMO[args.stage], data=str(SAMPLES / f"stage{args.stage}.json"), image_root=str(SAMPLES / "images"))
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    for flag in ("batch_size", "grad_accum", "save_every", "epochs", "max_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+    if not args.lr > 0:
+        p.error(f"--lr must be above 0, not {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        p.error(f"--warmup-ratio must be at least 0 and below 1, not {args.warmup_ratio}")
     for flag in ("data", "image_root", "output"):
         if getattr(args, flag) is None:
             fail(f"--{flag.replace('_', '-')} is required (or --demo)")
@@ -173,12 +182,8 @@ def fail(message):
 # ----------------------------------------------------------------------------- configuration
 
 def deepspeed_config(args, world_size, on_gpu):
-    """The whole DeepSpeed configuration, built where it can be read; --deepspeed-config merges over it.
-
-    DeepSpeed's monitors are off; to log to TensorBoard or CSV as well as metrics.jsonl, merge in
-    {"tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "stage2"}} and/or
-    {"csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}.
-    """
+    """The whole DeepSpeed configuration, built where it can be read; --deepspeed-config merges
+    over it (for example to switch on DeepSpeed's monitors: see --help)."""
     zero = {"stage": args.zero, "overlap_comm": on_gpu, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if args.zero == 3:
@@ -229,20 +234,31 @@ def warmup_cosine(step, warmup_steps, total_steps):
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(args, dtype):
-    """(model, config, tokenizer path, vision path, llm path): towers from their folders, the
-    adapter fresh (stage 1) or from stage 1's output (stage 2); the demo's towers are random."""
+def resolve_model_choices(args):
+    """Fill --projector, --style, --image-fit, --vision and --llm where they were not given.
+
+    Stage 2 continues what stage 1 recorded in its config.json: its adapter only fits the towers,
+    the adapter shape and the prompts it was trained with. Otherwise: the paper's choices."""
     if args.stage == 2:
         s1 = read_config(args.stage1_output)
         if s1.get("model_type") != "qilin_med_vl_projector":
             raise CheckpointError(f"{args.stage1_output}: config.json is not a stage-1 output "
                                   f"(model_type {s1.get('model_type')!r}, expected 'qilin_med_vl_projector')")
+        missing = [key for key in ("projector", "style", "vision_path", "llm_path") if key not in s1]
+        if missing:
+            raise CheckpointError(f"{args.stage1_output}/config.json lacks {', '.join(missing)} "
+                                  f"(it was not written by this train.py's stage 1)")
         if args.projector not in (None, s1["projector"]):
             raise CheckpointError(f"--projector {args.projector} but {args.stage1_output} holds a {s1['projector']!r} adapter")
         args.projector, args.style = s1["projector"], args.style or s1["style"]
         args.vision, args.llm = args.vision or s1["vision_path"], args.llm or s1["llm_path"]
     args.projector, args.style = args.projector or "linear", args.style or "paper"
     args.image_fit = args.image_fit or ("crop" if args.stage == 1 else "pad")
+
+
+def build_model(args, dtype):
+    """(model, config, tokenizer path): towers from their folders, the adapter fresh (stage 1) or
+    from stage 1's output (stage 2); the demo's towers are random. Call resolve_model_choices first."""
     if args.demo and args.stage == 1 and args.vision is None:
         tokenizer = str(SAMPLES / "tokenizer.model")
         vision = VisionArgs.preset("demo")
@@ -258,7 +274,6 @@ def build_model(args, dtype):
     torch.manual_seed(args.seed)  # random parts (the adapter; the demo's towers) are the same on every rank
     model = QilinMedVL.from_parts(config, args.vision, args.llm, args.stage1_output if args.stage == 2 else None, dtype)
     return model, config, tokenizer
-
 
 def save_demo_towers(model, folder, tokenizer):
     """The demo's random towers, written as Hugging Face folders (the layout of the official
@@ -290,9 +305,73 @@ def write_output(folder, write):
     os.rmdir(tmp)
 
 
+
+def save_final_model(model, config, args, tokenizer_path, rank):
+    """Write the trained model into --output: stage 1 the adapter (with the demo's random towers),
+    stage 2 the whole model. ZeRO-3 keeps a slice of every weight on each rank: gather them one at
+    a time (every rank takes part in each gather) into a CPU copy of the whole model on rank 0."""
+    import deepspeed
+
+    full = model
+    if args.zero == 3:
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    state[name] = p.detach().cpu().clone()
+        if rank == 0:
+            with torch.device("meta"):
+                full = QilinMedVL(config)
+            full.load_state_dict(state, strict=True, assign=True)
+    if rank != 0:
+        return
+    if args.stage == 1:
+        vision, llm = args.vision, args.llm
+        if vision is None:  # demo: the random towers go with the adapter, as Hugging Face folders
+            vision, llm = os.path.join(args.output, "vision"), os.path.join(args.output, "llm")
+
+        def write(tmp):
+            if args.vision is None:
+                save_demo_towers(full, tmp, tokenizer_path)
+            full.save_projector(tmp, vision, llm, tokenizer_path)
+    else:
+        def write(tmp):
+            full.save_pretrained(tmp, tokenizer=tokenizer_path)
+    write_output(args.output, write)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(engine, folder, step, client_state, rank):
+def run_settings(args, world, samples):
+    """What a resumed run must share with the run it continues: the data order, the lr schedule
+    and the layout of DeepSpeed's checkpoint follow from these. Every checkpoint keeps them as run.json."""
+    return dict(stage=args.stage, world_size=world, zero=args.zero, precision=args.precision,
+                data=os.path.abspath(args.data), samples=samples, max_length=args.max_length, style=args.style,
+                projector=args.projector, image_fit=args.image_fit, batch_size=args.batch_size,
+                grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+                warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                seed=args.seed)
+
+
+def check_same_run(folder, run):
+    """--resume: stop with a message, before anything is loaded, if the latest checkpoint was
+    trained with other settings (DeepSpeed would fail on another world size or ZeRO stage, and
+    anything else would silently change the data order or the lr schedule)."""
+    root = os.path.join(folder, "checkpoints")
+    with open(os.path.join(root, "latest")) as f:
+        tag = f.read().strip()
+    path = os.path.join(root, tag, "run.json")
+    if not os.path.isfile(path):
+        fail(f"--resume: {path} is missing, so {root}/{tag} is not a complete checkpoint")
+    with open(path) as f:
+        saved = json.load(f)
+    changed = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]
+    if changed:
+        fail(f"cannot resume {root}/{tag}: this run's settings differ from the checkpoint's ({'; '.join(changed)}). "
+             f"Resume with the same settings, or start a new run with --overwrite or another --output")
+
+
+def save_checkpoint(engine, folder, step, client_state, run, rank):
     """A resumable checkpoint under a new tag; `latest` moves to it only when every rank is done.
 
     Frozen weights are not saved (stage 1 would write the whole 13B LLM every time): a resumed
@@ -306,6 +385,9 @@ def save_checkpoint(engine, folder, step, client_state, rank):
     rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save(rng, os.path.join(root, tag, f"rng-rank{rank:05d}.pt"))
+    if rank == 0:
+        with open(os.path.join(root, tag, "run.json"), "w") as f:
+            json.dump(run, f, indent=2)
     dist.barrier()  # every rank has written its part of this tag
     if rank == 0:
         with open(os.path.join(root, "latest.tmp"), "w") as f:
@@ -318,8 +400,10 @@ def save_checkpoint(engine, folder, step, client_state, rank):
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
-def load_checkpoint(engine, folder, rank):
-    """Restore engine, optimizer, scheduler and this rank's RNG states; return the client state."""
+def resume(engine, folder, rank):
+    """Restore engine, optimizer, scheduler and this rank's RNG states from the latest checkpoint
+    (check_same_run has vouched for its settings); return its tag and client state. metrics.jsonl
+    loses the lines of the steps that will run again."""
     root = os.path.join(folder, "checkpoints")
     with open(os.path.join(root, "latest")) as f:
         tag = f.read().strip()
@@ -332,6 +416,17 @@ def load_checkpoint(engine, folder, rank):
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    metrics_path = os.path.join(folder, "metrics.jsonl")
+    if rank == 0 and os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        try:
+            json.loads(lines[-1] if lines else "{}")
+        except json.JSONDecodeError:  # a kill while the line was written: that step runs again anyway
+            lines.pop()
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= state["step"])
+        os.replace(metrics_path + ".tmp", metrics_path)
     return tag, state
 
 
@@ -366,6 +461,18 @@ def expanded_lengths(batch, num_image_tokens):
     return batch["attention_mask"].sum(1) + n_images * (num_image_tokens - 1)  # (B,)
 
 
+def step_flops(lengths, llm, stage):
+    """The LLM's matmul FLOPs for samples of these lengths: each sample's tokens times the FLOPs
+    per token at its length (the frozen ViT adds ~1%). Stage 2 trains the LLM: forward and
+    backward. Stage 1 passes gradients through the frozen LLM to the adapter without computing
+    its weight gradients: twice the forward."""
+    total = 0
+    for T in lengths:
+        per_token = llm.flops_per_token(T) if stage == 2 else 2 * llm.flops_per_token(T, backward=False)
+        total += T * per_token
+    return total
+
+
 # ----------------------------------------------------------------------------- training
 
 def main(argv=None):
@@ -383,27 +490,35 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # Everything that can be wrong with the inputs fails here, on every rank, before any process
-    # waits for another or anything is written.
+    # waits for another or anything is written or loaded.
     check_output_folder(args)
     if not os.path.isfile(args.data):
         fail(f"--data {args.data}: no such file")
     if not os.path.isdir(args.image_root):
         fail(f"--image-root {args.image_root}: no such folder")
     try:
+        resolve_model_choices(args)
         model, config, tokenizer_path = build_model(args, dtype)
         tokenizer = Tokenizer(tokenizer_path)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
         hint = " (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""
-        fail(f"{e}{hint}")
+        fail(f"{message}{hint}")
     if tokenizer.vocab_size != config.llm.vocab_size:
         fail(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is {config.llm.vocab_size}")
-    dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
-                            style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
-                            max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed)
+    try:
+        dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
+                                style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
+                                max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed)
+    except ValueError as e:  # a data file that is not JSON or JSON lines
+        fail(str(e))
     if len(dataset) == 0:
         hint = f" (are the images under --image-root {args.image_root}?)" if dataset.skipped["missing_image"] else ""
         fail(f"no sample to train on: {dataset.report()}{hint}")
     excluded = sum(dataset.skipped.values())
+    run = run_settings(args, world, len(dataset))
+    if args.resume:
+        check_same_run(args.output, run)
 
     import deepspeed  # here, so that `--help` and the checks above answer without its start-up cost
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its config dump and per-step notes would drown the bar
@@ -421,12 +536,10 @@ def main(argv=None):
     model.set_trainable(args.stage)
     model.llm.gradient_checkpointing = args.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # MFU counts the LLM's matmul FLOPs (the frozen ViT adds ~1%); stage 1 runs no weight
-    # gradients, so forward + input gradients only: ~4N a token instead of 6N (SPEC section 9).
-    # The count is linear in the sequence length; take it now, before ZeRO-3 empties the parameters.
-    fpt = (lambda T: model.llm.flops_per_token(T, backward=True)) if args.stage == 2 else \
-          (lambda T: 2 * model.llm.flops_per_token(T, backward=False))
-    flops_base, flops_per_position = fpt(0), fpt(1) - fpt(0)
+    # MFU counts the LLM's FLOPs (step_flops). ZeRO-3 is about to empty the model's parameters,
+    # so a copy of the LLM on the meta device (shapes only, no memory) does the counting.
+    with torch.device("meta"):
+        flop_counter = Llama(config.llm)
     peak = args.peak_tflops or (A100_BF16_TFLOPS if on_gpu else cpu_peak_tflops())
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained (stage {args.stage}); {args.precision}, ZeRO-{args.zero}, "
@@ -445,9 +558,7 @@ def main(argv=None):
         n = len(order) // args.batch_size // args.grad_accum * args.grad_accum  # a last partial accumulation is dropped
         return [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(n)]
 
-    first = epoch_batches(0)
-    micro_per_epoch = len(first)
-    steps_per_epoch = micro_per_epoch // args.grad_accum
+    steps_per_epoch = len(epoch_batches(0)) // args.grad_accum
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world} samples")
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
@@ -456,30 +567,19 @@ def main(argv=None):
         model=model, model_parameters=trainable, config=deepspeed_config(args, world, on_gpu),
         lr_scheduler=lambda opt: LambdaLR(opt, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)))
 
-    step, epoch, micro_done = 0, 0, 0  # optimizer steps so far; where in the data we are
-    metrics_path = os.path.join(args.output, "metrics.jsonl")
-    # what must not change between a run and its resumption, or the data order would differ
-    run = dict(stage=args.stage, world_size=world, batch_size=args.batch_size, grad_accum=args.grad_accum,
-               seed=args.seed, samples=len(dataset), style=args.style)
+    # optimizer steps so far; where in the data we are; samples dropped while training
+    step, epoch, micro_done, dropped = 0, 0, 0, 0
     if args.resume:
-        tag, state = load_checkpoint(engine, args.output, rank)
-        if state["run"] != run:
-            fail(f"cannot resume {tag}: it was trained with {state['run']}, this run has {run} (the data order differs)")
-        step, epoch, micro_done = state["step"], state["epoch"], state["micro_done"]
-        if rank == 0 and os.path.isfile(metrics_path):  # drop the lines of steps that will run again
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
+        tag, state = resume(engine, args.output, rank)
+        step, epoch, micro_done, dropped = state["step"], state["epoch"], state["micro_done"], state["dropped"]
         log(f"resumed from {args.output}/checkpoints/{tag}: step {step}, epoch {epoch}, batch {micro_done}")
 
-    metrics = open(metrics_path, "a") if rank == 0 else None
+    metrics = open(os.path.join(args.output, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"stage {args.stage}")
     engine.train()
     pad_id = tokenizer.pad_id
     dummy = None  # stands in for a batch whose every sample was dropped, to keep the ranks in step
-    t_last, dropped = time.perf_counter(), 0
+    t_last = time.perf_counter()
     # per step, summed over micro-steps then ranks: loss, micro-steps, tokens, FLOPs, dropped samples
     acc = torch.zeros(5, dtype=torch.float64)
     ids_seen = []
@@ -489,15 +589,13 @@ def main(argv=None):
                             collate_fn=partial(collate, pad_id=pad_id), num_workers=args.num_workers)
         for batch in loader:
             micro_done += 1
-            n = len(batch["ids"])
-            if n:
-                lengths = expanded_lengths(batch, model.num_image_tokens)
+            if batch["ids"]:
+                lengths = expanded_lengths(batch, model.num_image_tokens).tolist()
                 inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
                 _, loss = engine(**inputs)  # (B, T) in, mean cross-entropy of the learned tokens out
-                acc += torch.tensor([loss.item(), 1, lengths.sum().item(),
-                                     float(lengths.sum()) * (flops_base + flops_per_position * int(lengths.max())),
+                acc += torch.tensor([loss.item(), 1, sum(lengths), step_flops(lengths, flop_counter, args.stage),
                                      batch["n_dropped"]], dtype=torch.float64)
-            else:  # every sample unreadable: a zero-weight forward so that collectives still match
+            else:  # every sample dropped: a zero-weight forward so that collectives still match
                 if dummy is None:
                     size = config.vision.image_size
                     dummy = dict(input_ids=torch.tensor([[tokenizer.bos_id, IMAGE_TOKEN_INDEX]], device=engine.device),
@@ -513,7 +611,7 @@ def main(argv=None):
             # Before applying the update: did any rank see a non-finite loss?
             totals = acc.clone()
             dist.all_reduce(totals)
-            loss_value = totals[0].item() / totals[1].item() if totals[1] else None  # None: no readable sample
+            loss_value = totals[0].item() / totals[1].item() if totals[1] else None  # None: every sample dropped
             if loss_value is not None and not math.isfinite(loss_value):
                 latest = os.path.join(args.output, "checkpoints", "latest")
                 kept = open(latest).read().strip() if os.path.isfile(latest) else None
@@ -544,41 +642,16 @@ def main(argv=None):
                 epoch, micro_done = epoch + 1, 0
             if step % args.save_every == 0 and step < total_steps:
                 save_checkpoint(engine, args.output, step,
-                                dict(step=step, epoch=epoch, micro_done=micro_done, run=run), rank)
+                                dict(step=step, epoch=epoch, micro_done=micro_done, dropped=dropped), run, rank)
                 t_last = time.perf_counter()  # do not count the save as training time
             if step >= total_steps:
                 break
     bar.close()
 
-    # The trained model. ZeRO-3 keeps a slice of every weight on each rank: gather them one at a
-    # time (every rank takes part in each gather) into a CPU copy of the whole model on rank 0.
-    full = model
-    if args.zero == 3:
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank == 0:
-                    state[name] = p.detach().cpu().clone()
-        if rank == 0:
-            with torch.device("meta"):
-                full = QilinMedVL(config)
-            full.load_state_dict(state, strict=True, assign=True)
+    save_final_model(model, config, args, tokenizer_path, rank)
     if rank == 0:
-        if args.stage == 1:
-            vision, llm = args.vision, args.llm
-            if vision is None:  # demo: the random towers go with the adapter, as Hugging Face folders
-                vision, llm = os.path.join(args.output, "vision"), os.path.join(args.output, "llm")
-
-            def write(tmp):
-                if args.vision is None:
-                    save_demo_towers(full, tmp, tokenizer_path)
-                full.save_projector(tmp, vision, llm, tokenizer_path)
-        else:
-            def write(tmp):
-                full.save_pretrained(tmp, tokenizer=tokenizer_path)
-        write_output(args.output, write)
-        log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} "
-            f"after {step} steps; {dropped} unreadable samples skipped while training")
+        log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after {step} "
+            f"steps; {dropped} samples dropped while training (an unreadable image, or too long with that epoch's prompt)")
         metrics.close()
     dist.barrier()
     dist.destroy_process_group()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -33,8 +34,23 @@ def metrics(folder):
 def initial_model(*argv):
     """The model train.py starts from, built the same way (the demo towers are seeded)."""
     args = train.parse_args(["--demo", *map(str, argv)])
+    train.resolve_model_choices(args)
     model, _, _ = train.build_model(args, torch.float32)
     return model
+
+
+def kill_run(proc):
+    """kill -9 a torchrun launch and its workers (torchrun starts each worker in a session of its
+    own, so killing torchrun's process group would leave them training on)."""
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for p in workers:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(workers, timeout=30)
 
 
 def tensors(module):
@@ -48,7 +64,8 @@ def same(a, b):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "stage1"
-    launch("--demo", "--stage", 1, "--max-steps", 3, "--output", out)  # ZeRO-2 (the stage-1 default)
+    # ZeRO-2 (the stage-1 default); a checkpoint after step 2, for the tests that resume it
+    launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--output", out)
     return out
 
 
@@ -80,34 +97,40 @@ def test_stage2_zero3_trains_adapter_and_llm_and_loads(stage1, tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(stage1, tmp_path):
-    # stage 2, ZeRO-3: 28 samples, 2 ranks x batch 2 -> 7 steps an epoch, 3 epochs
-    common = ["--demo", "--stage", 2, "--stage1-output", stage1, "--batch-size", 2, "--epochs", 3, "--log-sample-ids"]
+    # stage 2, ZeRO-3: 28 samples, 2 ranks x batch 2 -> 7 steps an epoch, 3 epochs. One image is
+    # corrupt: its 2 samples are dropped each time they come up, and the count must survive the kill.
+    images = tmp_path / "images"
+    shutil.copytree(ROOT / "samples" / "images", images)
+    (images / "retina_fundus.jpg").write_bytes(b"not an image")
+    common = ["--demo", "--stage", 2, "--stage1-output", stage1, "--image-root", images, "--batch-size", 2,
+              "--epochs", 3, "--log-sample-ids"]
     launch(*common, "--output", tmp_path / "straight", "--save-every", 100)
     reference = metrics(tmp_path / "straight")
     assert len(reference) == 21
+    assert 0 < reference[5]["skipped"] < reference[-1]["skipped"] == 6  # drops before any checkpoint, and after
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            *map(str, common), "--output", str(killed), "--save-every", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:  # kill -9 the whole run once it is past step 8
             path = killed / "metrics.jsonl"
             if path.is_file() and len(path.read_text().splitlines()) >= 8:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_run(proc)
                 break
             time.sleep(0.02)
-        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_run(proc)
     done = len((killed / "metrics.jsonl").read_text().splitlines())
     assert proc.returncode == -signal.SIGKILL and done < 21, f"the run ended ({proc.returncode}) before it was killed"
     assert not (killed / "config.json").exists()
     latest = int((killed / "checkpoints" / "latest").read_text().removeprefix("step-"))
     assert latest % 3 == 0 and 6 <= latest <= done, (latest, done)  # a checkpoint mid-run, steps after it to redo
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": %d, "epoch": 1.2, "lo' % (done + 1))  # as if the kill came while a line was written
 
     launch(*common, "--output", killed, "--save-every", 3, "--resume")
     resumed = metrics(killed)
@@ -115,7 +138,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(stage1, tmp_path):
     for a, b in zip(reference, resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
         assert a["ids"] == b["ids"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
-    all_ids = sorted(r["id"] for r in json.loads((ROOT / "samples" / "stage2.json").read_text()))
+        assert a["skipped"] == b["skipped"], (a, b)
+    all_ids = sorted(r["id"] for r in json.loads((ROOT / "samples" / "stage2.json").read_text())
+                     if r["image"] != "retina_fundus.jpg")
     for epoch in (0, 1, 2):  # every sample exactly once an epoch: nothing skipped, nothing repeated
         seen = sorted(i for r in resumed[7 * epoch:7 * epoch + 7] for i in r["ids"])
         assert seen == all_ids
@@ -145,15 +170,26 @@ def test_some_images_missing_are_skipped_and_reported(tmp_path):
     assert metrics(tmp_path / "out")[0]["skipped"] == 2
 
 
-@pytest.mark.parametrize("case", ["missing data", "no images", "no stage 1", "bad stage 1"])
+@pytest.mark.parametrize("case", ["missing data", "data not JSON", "no images", "no stage 1", "bad stage 1",
+                                  "stage 1 lacks keys", "unsupported LLM"])
 def test_bad_inputs_fail_clearly_before_writing(case, tmp_path):
     out = tmp_path / "out"
+    for folder, config in (("s1", {"model_type": "qilin_med_vl_projector", "projector": "linear"}),
+                           ("clip", {}), ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))
+    (tmp_path / "cut.json").write_text('[{"id": "a", "image": "chest_xray.png", "conv')
     argv = {"missing data": ["--stage", 1, "--data", tmp_path / "nope.json"],
+            "data not JSON": ["--stage", 1, "--data", tmp_path / "cut.json"],
             "no images": ["--stage", 1, "--image-root", tmp_path],
             "no stage 1": ["--stage", 2, "--stage1-output", tmp_path / "nope"],
-            "bad stage 1": ["--stage", 2, "--stage1-output", ROOT / "samples"]}[case]
-    expected = {"missing data": "nope.json: no such file", "no images": "missing_image 13",
-                "no stage 1": "run stage 1 first", "bad stage 1": "no config.json"}[case]
+            "bad stage 1": ["--stage", 2, "--stage1-output", ROOT / "samples"],
+            "stage 1 lacks keys": ["--stage", 2, "--stage1-output", tmp_path / "s1"],
+            "unsupported LLM": ["--stage", 1, "--vision", tmp_path / "clip", "--llm", tmp_path / "llama"]}[case]
+    expected = {"missing data": "nope.json: no such file", "data not JSON": "cut.json: not valid JSON",
+                "no images": "missing_image 13",
+                "no stage 1": "run stage 1 first", "bad stage 1": "no config.json",
+                "stage 1 lacks keys": "lacks style, vision_path, llm_path", "unsupported LLM": "not supported"}[case]
     proc = launch("--demo", *argv, "--output", out, nproc=None, check=False)
     assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not out.exists()
@@ -166,6 +202,13 @@ def test_refuses_an_output_folder_holding_another_run(stage1, tmp_path):
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stage1.rglob("*") if p.is_file()} == before
     proc = launch("--demo", "--stage", 1, "--output", tmp_path / "empty", "--resume", nproc=None, check=False)
     assert proc.returncode != 0 and "no checkpoints/latest" in proc.stderr
+    # A resumption with other settings stops before DeepSpeed starts or anything is loaded or trimmed.
+    proc = launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--lr", 0.5, "--output", stage1,
+                  "--resume", nproc=None, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "world_size was 2, now 1" in proc.stderr and "lr was 0.002, now 0.5" in proc.stderr
+    assert "batch_size" not in proc.stderr  # only what differs
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stage1.rglob("*") if p.is_file()} == before
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -181,7 +224,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert [r["step"] for r in metrics(out)] == [1, 2]
 
 
-def test_help_and_deepspeed_config():
+def test_help_and_deepspeed_config(capsys):
     proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "--stage1-output" in proc.stdout and "csv_monitor" in proc.stdout
     args = train.parse_args(["--stage", "2", "--stage1-output", "s1", "--data", "d", "--image-root", "i", "--output", "o"])
@@ -193,3 +236,9 @@ def test_help_and_deepspeed_config():
     args = train.parse_args(["--stage", "1", "--vision", "v", "--llm", "l", "--data", "d", "--image-root", "i",
                              "--output", "o", "--local_rank", "3"])  # DeepSpeed's launcher adds --local_rank
     assert (args.batch_size, args.lr, args.zero) == (32, 1e-3, 2)
+    for argv, message in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                          (["--max-steps", "-1"], "--max-steps must be at least 1"),
+                          (["--lr", "0"], "--lr must be above 0"), (["--warmup-ratio", "1"], "--warmup-ratio must be")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--demo", "--stage", "1", *argv])
+        assert message in capsys.readouterr().err
