@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError
 from data import (STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages, build_conversation, expanded_length,
-                  image_input, pmc_vqa_to_records, read_records, render)
+                  image_files, image_input, pmc_vqa_to_records, read_records, render)
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
@@ -129,12 +129,11 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
     """Every row's new tokens as a list of ids, up to (without) its EOS."""
-    out, ended = [[] for _ in prompts], [False] * len(prompts)
+    out = [[] for _ in prompts]
     for token in generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling):
-        for b, t in enumerate(token.tolist()):
-            ended[b] = ended[b] or t == eos_id
-            if not ended[b]:
-                out[b].append(t)
+        for row, t in zip(out, token.tolist()):
+            if t != eos_id:  # once a row has ended, generate gives it only eos_id
+                row.append(t)
     return out
 
 
@@ -302,11 +301,14 @@ def evaluate(model, tokenizer, args, rng):
     def run(batch, out):
         prompts = [item["prompt"] for item in batch]
         pixels = [item["pixels"] for item in batch if item["pixels"] is not None]
-        budget = min(room(model, p, args.max_new_tokens or 512)[0] for p in prompts)
-        answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, budget, tokenizer.eos_id,
+        # Each answer gets the room its own prompt leaves, as if it were alone: the batch decodes for
+        # the largest room and each row is cut to its own (positions are per row, so the longer
+        # cache changes nothing for a short prompt).
+        rooms = [room(model, p, args.max_new_tokens or 512)[0] for p in prompts]
+        answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, max(rooms), tokenizer.eos_id,
                                  temperature=args.temperature, top_p=args.top_p, rng=rng)
-        for item, ids in zip(batch, answers):
-            prediction = tokenizer.decode(ids)
+        for item, ids, n in zip(batch, answers, rooms):
+            prediction = tokenizer.decode(ids[:n])
             kind, result = score(prediction, item["reference"], item["record"], item["turn"])
             row = dict(id=item["record"].get("id"), turn=item["turn"], question=item["question"],
                        reference=item["reference"], prediction=prediction, kind=kind, **result)
@@ -317,7 +319,7 @@ def evaluate(model, tokenizer, args, rng):
         for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
             try:
                 turns, items = record["conversations"], []
-                files = [record["image"]] if isinstance(record.get("image"), str) else record.get("image") or []
+                files = image_files(record)
                 pixels = load_pixels([os.path.join(image_root, f) for f in files], model) if files else None
                 for k in range(1, len(turns), 2):  # each answer, after the reference dialog before it
                     prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
@@ -392,6 +394,12 @@ def main(argv=None):
         p.error("give an image (or --eval FILE)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, not {args.batch_size}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be above 0 and at most 1, not {args.top_p}")
+    if args.temperature is not None and not args.temperature >= 0:
+        p.error(f"--temperature must be 0 (greedy) or above, not {args.temperature}")
     if args.temperature is None:
         args.temperature = 0.0 if (args.eval or args.question) else 0.2
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

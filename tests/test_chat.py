@@ -370,3 +370,39 @@ def test_eval_batches_match_one_by_one_and_bad_images_are_counted(tmp_path, mode
         assert metrics["multiple_choice_accuracy"]["n"] == 1 and metrics["answers"] == len(outputs[-1])
         assert metrics["yes_no_accuracy"]["n"] >= 1 and metrics["open_recall"]["n"] >= 1
     assert outputs[0] == outputs[1]
+
+
+def test_a_long_prompt_does_not_shorten_the_other_answers_in_its_batch(tmp_path, tokenizer):
+    """Each answer gets the room its own prompt leaves in the context, whatever it is batched with."""
+    short, long = "What is it?", "Describe the image in detail, including every finding you can see in it."
+    shutil.copy(IMAGES / "chest_xray.png", tmp_path)
+    records = [{"id": name, "image": "chest_xray.png",
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A chest X-ray."}]}
+               for name, q in (("short", short), ("long", long))]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    prompts = {q: chat.prompt_ids(question(q), tokenizer, "paper") for q in (short, long)}
+    model = tiny_model(max_seq_len=len(prompts[long]) - 1 + 64 + 3)  # the long prompt leaves room for 3 tokens
+    model.save_pretrained(tmp_path / "model", tokenizer=TOKENIZER)
+    assert [chat.room(model, prompts[q], 8)[0] for q in (short, long)] == [8, 3]
+    alone = chat.generate_batch(model, [prompts[short]], chat.load_pixels([CHEST], model), 8, tokenizer.eos_id)[0]
+    assert len(alone) > 3  # a cut at the long prompt's room would show
+    outputs = []
+    for batch_size in (1, 2):
+        out = tmp_path / f"answers{batch_size}.jsonl"
+        assert chat.main(["--eval", str(data), "--model", str(tmp_path / "model"), "--out", str(out),
+                          "--batch-size", str(batch_size), "--max-new-tokens", "8"]) == 0
+        outputs.append([json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()])
+    assert outputs[0] == outputs[1] and outputs[0][0] == tokenizer.decode(alone)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--top-p", "0"], "--top-p must be above 0"),
+    (["--top-p", "1.5"], "--top-p must be above 0"),
+    (["--temperature", "-1"], "--temperature must be 0"),
+])
+def test_bad_flags_are_refused_before_loading(flags, expected, capsys):
+    with pytest.raises(SystemExit):
+        chat.main([CHEST, "--model", "nowhere", *flags])
+    assert expected in capsys.readouterr().err
