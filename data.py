@@ -330,10 +330,11 @@ class ChiMedDataset(torch.utils.data.Dataset):
     """LLaVA-format records -> rendered token ids, labels and one preprocessed (composite) image.
 
     Records are checked, rendered and measured once here, so exclusions are known before training
-    and counted in self.skipped by reason. Images are read in __getitem__; one that turns out to be
-    unreadable there makes __getitem__ return None (with a warning) and `collate` drops it, so a bad
-    file cannot stop an epoch. With DataLoader workers that count lives in the worker's copy; the
-    trainer sees the drops as each batch's n_dropped.
+    and counted in self.skipped by reason (measured with epoch 0's prompts). Images are read in
+    __getitem__; an image that turns out to be unreadable there, or a later epoch's prompt that no
+    longer fits max_length, makes __getitem__ return None (with a warning) and `collate` drops it,
+    so a bad file cannot stop an epoch. With DataLoader workers that count lives in the worker's
+    copy; the trainer sees the drops as each batch's n_dropped.
     """
 
     def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
@@ -451,7 +452,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
 
 
 def collate(batch, pad_id):
-    """Samples -> a right-padded batch; None samples (unreadable images) are dropped and counted.
+    """Samples -> a right-padded batch; None samples (see ChiMedDataset) are dropped and counted.
 
     If every sample was dropped the batch has B = 0 and the training loop should skip it.
     """
