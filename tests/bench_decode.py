@@ -57,6 +57,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--dim", type=int, default=512, help="text width (128: a tiny model, where per-step overhead counts)")
+    p.add_argument("--layers", type=int, default=8, help="text layers")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,8 +67,9 @@ def main():
     config = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", image_size=336, patch_size=14, hidden_size=64,
                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-        text_config=dict(model_type="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=8, intermediate_size=1376, vocab_size=32001, rms_norm_eps=1e-5,
+        text_config=dict(model_type="llama", hidden_size=args.dim, num_hidden_layers=args.layers,
+                         num_attention_heads=args.dim // 64, num_key_value_heads=args.dim // 64,
+                         intermediate_size=args.dim * 8 // 3 // 32 * 32, vocab_size=32001, rms_norm_eps=1e-5,
                          max_position_embeddings=2048, initializer_range=0.1),
         image_token_index=32000, image_seq_length=576, vision_feature_layer=-2)
     reference = LlavaForConditionalGeneration(config).eval()
@@ -82,7 +85,7 @@ def main():
     prompt = chat.prompt_ids([{"from": "human", "value": "Describe this image in detail."}], tokenizer, "release")
     k = prompt.index(IMAGE_TOKEN_INDEX)
     hf_ids = torch.tensor([prompt[:k] + [config.image_token_index] * 576 + prompt[k + 1:]])
-    print(f"model: text 512 x 8 layers, vocab 32001, CLIP 336/14 -> 576 patches; prompt {hf_ids.shape[1]} positions; "
+    print(f"model: text {args.dim} x {args.layers} layers, vocab 32001, CLIP 336/14 -> 576 patches; prompt {hf_ids.shape[1]} positions; "
           f"float32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
     def ours():
