@@ -41,18 +41,20 @@ class QilinConfig:
     select_layer: int = -2  # which hidden state of the ViT (-2: penultimate block, as LLaVA)
     image_fit: str = "pad"  # how images become squares: "pad" (stage 2, chat) or "crop" (see data.py)
     style: str = "paper"  # prompt style the model was trained with: "paper" or "release" (see data.py)
+    image_token_index: int = IMAGE_TOKEN_INDEX  # the placeholder id in input_ids (data.py writes it)
     vision: VisionArgs = field(default_factory=VisionArgs)
     llm: LlamaArgs = field(default_factory=LlamaArgs)
 
     def to_dict(self):
         return dict(model_type="qilin_med_vl", projector=self.projector, select_layer=self.select_layer,
-                    image_fit=self.image_fit, style=self.style,
+                    image_fit=self.image_fit, style=self.style, image_token_index=self.image_token_index,
                     vision_config=asdict(self.vision), text_config=asdict(self.llm))
 
     @classmethod
     def from_dict(cls, d):
         return cls(projector=d["projector"], select_layer=d["select_layer"], image_fit=d["image_fit"],
-                   style=d["style"], vision=VisionArgs(**d["vision_config"]), llm=LlamaArgs(**d["text_config"]))
+                   style=d["style"], image_token_index=d["image_token_index"],
+                   vision=VisionArgs(**d["vision_config"]), llm=LlamaArgs(**d["text_config"]))
 
 
 def build_projector(kind, vision_dim, llm_dim):
@@ -92,13 +94,14 @@ class QilinMedVL(nn.Module):
     def embed(self, input_ids, pixel_values=None, labels=None, attention_mask=None, padding_side="right"):
         """Splice image features into the token embeddings (LLaVA's convention).
 
-        input_ids: (B, T) with IMAGE_TOKEN_INDEX once per image, images numbered in row order;
+        input_ids: (B, T) with the placeholder id (config.image_token_index, -200) once per image,
+        images numbered in row order;
         pixel_values: (N, 3, S, S), one per placeholder; attention_mask: (B, T), False at padding.
         Each placeholder becomes that image's num_patches feature vectors (their labels
         IGNORE_INDEX), so rows grow by different amounts; they are padded again afterwards.
         Returns embeds (B, L, dim), labels (B, L) or None, and mask (B, L), True at real positions.
         """
-        is_image = input_ids == IMAGE_TOKEN_INDEX
+        is_image = input_ids == self.config.image_token_index
         if attention_mask is not None and bool((is_image & ~attention_mask.bool()).any()):
             raise ValueError("an image placeholder stands where attention_mask marks padding")
         n_placeholders = int(is_image.sum())
@@ -113,7 +116,7 @@ class QilinMedVL(nn.Module):
             ids, emb = input_ids[b][keep], text[b][keep]
             lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
             pieces, label_pieces, start = [], [], 0
-            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+            for pos in (ids == self.config.image_token_index).nonzero().flatten().tolist():
                 pieces += [emb[start:pos], images[k]]
                 label_pieces += [lab[start:pos], lab.new_full((images.shape[1],), IGNORE_INDEX)]
                 start, k = pos + 1, k + 1
