@@ -609,8 +609,9 @@ def main(argv=None):
                 engine.step()  # only accumulates
                 continue
             # Before applying the update: did any rank see a non-finite loss?
-            totals = acc.clone()
+            totals = acc.to(engine.device)  # NCCL reduces GPU tensors only
             dist.all_reduce(totals)
+            totals = totals.cpu()
             loss_value = totals[0].item() / totals[1].item() if totals[1] else None  # None: every sample dropped
             if loss_value is not None and not math.isfinite(loss_value):
                 latest = os.path.join(args.output, "checkpoints", "latest")
