@@ -43,6 +43,19 @@ class LlamaArgs:
     def head_dim(self):
         return self.dim // self.n_heads
 
+    def flops_per_token(self, seq_len, backward=True):
+        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per matmul weight N (multiply
+        and add) forward, twice that again backward, so 6N with the backward; plus attention's
+        scores and weighted sum, 2 * 2 * d * T per layer forward (counted over the full T x T
+        square, though causal attention needs half), so 12 * L * d * T with the backward. The
+        embedding lookup and the norms are free. Stage 1 (frozen LLM, gradients still flow through
+        it to the adapter) does no weight gradients: about 2x forward, 4N, rather than 6N.
+        Computed from the shapes alone, so it also holds while ZeRO-3 has the weights scattered."""
+        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        n = self.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size) + d * self.vocab_size
+        forward = 2 * n + 4 * self.n_layers * d * seq_len
+        return 3 * forward if backward else forward
+
     @classmethod
     def preset(cls, name):
         presets = {
@@ -239,17 +252,6 @@ class Llama(nn.Module):
     def clear_cache(self):
         for layer in self.layers:
             layer.self_attn.cache = None
-
-    def flops_per_token(self, seq_len, backward=True):
-        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per weight (multiply and add)
-        forward, twice that again backward, so 6N with the backward; plus attention's scores and
-        weighted sum, 2 * 2 * d * T per layer forward (counted over the full T x T square, though
-        causal attention needs half), so 12 * L * d * T with the backward. The embedding lookup
-        is free. Stage 1 (frozen LLM, gradients still flow through it to the adapter) does no
-        weight gradients: about 2x forward, 4N, rather than 6N."""
-        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
-        forward = 2 * n + 4 * self.args.n_layers * self.args.dim * seq_len
-        return 3 * forward if backward else forward
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):

@@ -113,10 +113,10 @@ class QilinMedVL(nn.Module):
         rows, label_rows, k = [], [], 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool() if attention_mask is not None else slice(None)
-            ids, emb = input_ids[b][keep], text[b][keep]
-            lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            emb = text[b][keep]
+            lab = labels[b][keep] if labels is not None else torch.full(emb.shape[:1], IGNORE_INDEX, device=emb.device)
             pieces, label_pieces, start = [], [], 0
-            for pos in (ids == self.config.image_token_index).nonzero().flatten().tolist():
+            for pos in is_image[b][keep].nonzero().flatten().tolist():
                 pieces += [emb[start:pos], images[k]]
                 label_pieces += [lab[start:pos], lab.new_full((images.shape[1],), IGNORE_INDEX)]
                 start, k = pos + 1, k + 1
@@ -346,8 +346,7 @@ if __name__ == "__main__":
     # A random demo-size model: where the image features go and what comes out.
     config = QilinConfig(vision=VisionArgs.preset("demo"), llm=LlamaArgs.preset("demo"))
     model = QilinMedVL(config).eval()
-    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 29871, 13, 100, 200]]) % config.llm.vocab_size
-    ids[0, 1] = IMAGE_TOKEN_INDEX
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 29871, 13, 100, 200]])  # BOS, the image, then text
     pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size)
     with torch.no_grad():
         logits, _ = model(ids, pixels)

@@ -66,8 +66,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config, save_weights
 from data import SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
-from llama import Llama, LlamaArgs
-from model import IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL
+from llama import LlamaArgs
+from model import IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL, write_config
 from vit import VisionArgs
 
 # Paper section 5.2, per stage; --demo replaces them with values that train a tiny model on a CPU.
@@ -281,10 +281,8 @@ def save_demo_towers(model, folder, tokenizer):
     save_weights({f"vision_model.{k}": v for k, v in model.vision.state_dict().items()}, os.path.join(folder, "vision"))
     save_weights({(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in model.llm.state_dict().items()},
                  os.path.join(folder, "llm"))
-    for sub, hf in (("vision", model.config.vision.to_hf_config()), ("llm", model.config.llm.to_hf_config())):
-        with open(os.path.join(folder, sub, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-    shutil.copyfile(tokenizer, os.path.join(folder, "llm", "tokenizer.model"))
+    write_config(os.path.join(folder, "vision"), model.config.vision.to_hf_config())
+    write_config(os.path.join(folder, "llm"), model.config.llm.to_hf_config(), tokenizer)
 
 
 def write_output(folder, write):
@@ -461,14 +459,14 @@ def expanded_lengths(batch, num_image_tokens):
     return batch["attention_mask"].sum(1) + n_images * (num_image_tokens - 1)  # (B,)
 
 
-def step_flops(lengths, llm, stage):
+def step_flops(lengths, llm_args, stage):
     """The LLM's matmul FLOPs for samples of these lengths: each sample's tokens times the FLOPs
     per token at its length (the frozen ViT adds ~1%). Stage 2 trains the LLM: forward and
     backward. Stage 1 passes gradients through the frozen LLM to the adapter without computing
     its weight gradients: twice the forward."""
     total = 0
     for T in lengths:
-        per_token = llm.flops_per_token(T) if stage == 2 else 2 * llm.flops_per_token(T, backward=False)
+        per_token = llm_args.flops_per_token(T) if stage == 2 else 2 * llm_args.flops_per_token(T, backward=False)
         total += T * per_token
     return total
 
@@ -536,10 +534,6 @@ def main(argv=None):
     model.set_trainable(args.stage)
     model.llm.gradient_checkpointing = args.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # MFU counts the LLM's FLOPs (step_flops). ZeRO-3 is about to empty the model's parameters,
-    # so a copy of the LLM on the meta device (shapes only, no memory) does the counting.
-    with torch.device("meta"):
-        flop_counter = Llama(config.llm)
     peak = args.peak_tflops or (A100_BF16_TFLOPS if on_gpu else cpu_peak_tflops())
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained (stage {args.stage}); {args.precision}, ZeRO-{args.zero}, "
@@ -593,7 +587,7 @@ def main(argv=None):
                 lengths = expanded_lengths(batch, model.num_image_tokens).tolist()
                 inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
                 _, loss = engine(**inputs)  # (B, T) in, mean cross-entropy of the learned tokens out
-                acc += torch.tensor([loss.item(), 1, sum(lengths), step_flops(lengths, flop_counter, args.stage),
+                acc += torch.tensor([loss.item(), 1, sum(lengths), step_flops(lengths, config.llm, args.stage),
                                      batch["n_dropped"]], dtype=torch.float64)
             else:  # every sample dropped: a zero-weight forward so that collectives still match
                 if dummy is None:

@@ -9,7 +9,7 @@ A few LLaMA-2-13B layers (width 5120, 40 heads, MLP 13824, vocabulary 32000) at 
   stage 1  the LLM frozen, gradients flowing through it to the adapter (mlp2x_gelu), with a
            slice of the CLIP ViT-L/14-336 tower (frozen, no autograd) feeding 576 image tokens.
 
-MFU = model FLOPs per token (llama.Llama.flops_per_token: ~6N+attention when the LLM trains,
+MFU = model FLOPs per token (llama.LlamaArgs.flops_per_token: ~6N+attention when the LLM trains,
 ~4N when it is frozen) x tokens/s / peak. The AdamW step (torch's fused kernel) is timed on its
 own. Needs torch (+ transformers for the comparison), not DeepSpeed. A few minutes on an
 A100/H100:
@@ -90,7 +90,7 @@ def stage2(args, dtype, device, peak):
     ids = torch.randint(3, args.vocab, (args.batch, args.seq + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
     tokens = x.numel()
-    fpt = ours.flops_per_token(args.seq, backward=True)
+    fpt = ours.args.flops_per_token(args.seq, backward=True)
     n = sum(p.numel() for p in ours.parameters())
     print(f"parameters {n / 1e6:.1f}M; {fpt / 1e9:.2f} GFLOP per token (6N + attention); peak {peak} TFLOP/s")
 
@@ -158,7 +158,7 @@ def stage1(args, dtype, device, peak):
     labels = ids.clone()
     labels[:, :2] = -100
     pixels = torch.randn(args.batch, 3, vision.image_size, vision.image_size, device=device, dtype=dtype)
-    fpt = 2 * model.llm.flops_per_token(args.seq, backward=False)  # forward + input gradients: ~4N
+    fpt = 2 * model.llm.args.flops_per_token(args.seq, backward=False)  # forward + input gradients: ~4N
     tokens = args.batch * args.seq
 
     def step():
