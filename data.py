@@ -12,7 +12,8 @@ Implements the data side of Qilin-Med-VL (Liu et al., 2023):
 
 The text side follows LLaVA's conventions, so that LLaVA / ChiMed-VL json files load as they are
 and the released weights see the token sequences they were trained on: one `<image>` placeholder
-per image becomes the id IMAGE_TOKEN_INDEX here and is expanded to the image's features in model.py.
+per image becomes the id IMAGE_TOKEN_INDEX here, repeated once per image feature (expand_images);
+model.py writes the image's features at those positions.
 """
 
 import argparse
@@ -29,20 +30,20 @@ import sentencepiece as spm
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold (about 9459 x 9459); larger is refused
 MAX_IMAGES = 4  # paper 3.3: samples with more images are excluded
 IMAGE = "<image>"  # the placeholder in text
+IMAGE_TOKEN_INDEX = -200  # LLaVA's id for it in input_ids (no vocabulary row): one per image, then one per feature
+IGNORE_INDEX = -100  # the label of a position that is not learned (cross_entropy's default ignore_index)
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 ALIGNMENT_PROMPTS = json.loads((PROMPT_DIR / "alignment.json").read_text(encoding="utf-8"))  # 22
 INSTRUCTION_PROMPTS = json.loads((PROMPT_DIR / "instruction.json").read_text(encoding="utf-8"))  # 7
 TEMPLATES = json.loads((PROMPT_DIR / "templates.json").read_text(encoding="utf-8"))
-# which dialog template each stage renders into, per style (see SPEC section 2)
+# which dialog template each stage renders into, per style (paper section 4.2, or as released)
 STAGE_TEMPLATE = {(1, "paper"): "v1", (2, "paper"): "v1", (1, "release"): "plain", (2, "release"): "v1"}
 
 
@@ -126,7 +127,7 @@ def concat_images(images):
 
 
 def preprocess_image(image, size=336, mode="pad"):
-    """RGB PIL image -> CLIP input (3, size, size), as SPEC section 4 "preprocessing" states."""
+    """RGB PIL image -> CLIP input (3, size, size): bicubic resampling, CLIP's mean and std."""
     w, h = image.size
     if mode == "pad":  # LLaVA's expand2square: centre on a mean-coloured square, then resize
         side = max(w, h)
@@ -274,10 +275,13 @@ def render(conversation, tokenizer, template="v1"):
     return ids, labels
 
 
-def expanded_length(ids, num_image_tokens):
-    """Sequence length once each placeholder has become num_image_tokens features."""
-    n_images = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
-    return len(ids) - n_images + n_images * num_image_tokens
+def expand_images(ids, num_image_tokens, labels=None):
+    """One placeholder per image (LLaVA's records) -> one image token per image feature, the ids
+    the model reads (model.embed writes the features there). Labels are repeated alike (the
+    placeholder's is IGNORE_INDEX). Returns ids, or (ids, labels)."""
+    n = [num_image_tokens if i == IMAGE_TOKEN_INDEX else 1 for i in ids]
+    out = [i for i, k in zip(ids, n) for _ in range(k)]
+    return out if labels is None else (out, [x for x, k in zip(labels, n) for _ in range(k)])
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -368,20 +372,17 @@ class ChiMedDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _render(self, index):
-        # the paper prompt for record i is seeded by (seed, epoch, i): the same whatever order or worker
+        """Record i as the model reads it: ids and labels with each image expanded to its features.
+        The paper prompt for record i is seeded by (seed, epoch, i): the same whatever the order or worker."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
         turns = build_conversation(self.records[index], self.stage, self.style, rng)
-        return render(turns, self.tokenizer, self.template)
+        ids, labels = render(turns, self.tokenizer, self.template)
+        return expand_images(ids, self.num_image_tokens, labels)
 
     def _cut(self, ids, labels):
-        """How many ids to keep so that the sequence fits max_length AFTER image expansion, never
-        cutting into an image and keeping something to learn; None if that is impossible."""
-        cut, total = len(ids), 0
-        for n, i in enumerate(ids):
-            total += self.num_image_tokens if i == IMAGE_TOKEN_INDEX else 1
-            if total > self.max_length:
-                cut = n
-                break
+        """How many ids to keep so that the sequence fits max_length, never cutting into an image
+        and keeping something to learn; None if that is impossible."""
+        cut = min(len(ids), self.max_length)
         if IMAGE_TOKEN_INDEX in ids[cut:] or all(x == IGNORE_INDEX for x in labels[:cut]):
             return None
         return cut
@@ -407,9 +408,9 @@ class ChiMedDataset(torch.utils.data.Dataset):
             return "malformed", str(e), 0
         cut = self._cut(ids, labels)
         if cut is None:
-            return "too_long", (f"{expanded_length(ids, self.num_image_tokens)} tokens with image features; "
+            return "too_long", (f"{len(ids)} tokens with image features; "
                                 f"no learned token fits in max_length={self.max_length}"), 0
-        return None, "", expanded_length(ids[:cut], self.num_image_tokens)
+        return None, "", cut
 
     def _exclude(self, index, record, reason, detail):
         name = record.get("id", "?") if isinstance(record, dict) else "?"
@@ -451,22 +452,32 @@ class ChiMedDataset(torch.utils.data.Dataset):
                     id=record.get("id", index))
 
 
-def collate(batch, pad_id):
+def collate(batch, pad_id, image_size):
     """Samples -> a right-padded batch; None samples (see ChiMedDataset) are dropped and counted.
 
-    If every sample was dropped the batch has B = 0 and the training loop should skip it.
+    Everything the model would otherwise have to look up on the device is computed here, on the
+    CPU, so that the training step never waits for the GPU:
+      image_positions (N * P,): flat indices into the B*T positions where image features go;
+      loss_positions (M,): flat indices of the positions whose next token is learned.
+    A batch without any image carries one zero image that the model encodes and splices nowhere,
+    and a batch whose every sample was dropped one padding row with nothing to learn: every rank
+    then runs the same modules in every micro-step, which ZeRO-3's collectives need.
     """
     samples = [s for s in batch if s is not None]
-    T = max((len(s["input_ids"]) for s in samples), default=0)
-    input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(len(samples), T, dtype=torch.bool)
-    for b, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], True
-    pixels = [s["pixel_values"] for s in samples]
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,  # (B, T) each
-                pixel_values=torch.cat(pixels) if pixels else torch.zeros(0, 3, 1, 1),  # (N_images, 3, S, S)
+    rows = samples or [dict(input_ids=torch.tensor([pad_id]), labels=torch.tensor([IGNORE_INDEX]))]
+    T = max(len(s["input_ids"]) for s in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for b, s in enumerate(rows):
+        input_ids[b, :len(s["input_ids"])], labels[b, :len(s["labels"])] = s["input_ids"], s["labels"]
+    learned_next = torch.zeros_like(labels, dtype=torch.bool)
+    learned_next[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    pixels = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
+    return dict(input_ids=input_ids, labels=labels,  # (B, T) each
+                pixel_values=torch.cat(pixels) if pixels else torch.zeros(1, 3, image_size, image_size),
+                image_positions=(input_ids.flatten() == IMAGE_TOKEN_INDEX).nonzero().squeeze(1),
+                loss_positions=learned_next.flatten().nonzero().squeeze(1),
+                lengths=[len(s["input_ids"]) for s in samples],  # tokens the LLM really reads, per sample
                 ids=[s["id"] for s in samples], n_dropped=len(batch) - len(samples))
 
 
@@ -567,7 +578,10 @@ if __name__ == "__main__":
         print(ds.report())
         sample = ds[0]
         print(f"id {sample['id']}: pixel_values {tuple(sample['pixel_values'].shape)}, "
-              f"{len(sample['input_ids'])} ids, {ds.lengths[0]} after image expansion")
-        for i, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist()):
-            piece = "<image>" if i == IMAGE_TOKEN_INDEX else tok.sp.id_to_piece(i)
+              f"{len(sample['input_ids'])} ids, image features included")
+        ids = sample["input_ids"].tolist()
+        for k, (i, label) in enumerate(zip(ids, sample["labels"].tolist())):
+            if i == IMAGE_TOKEN_INDEX and k and ids[k - 1] == IMAGE_TOKEN_INDEX:
+                continue  # one line for the image's run of feature positions
+            piece = f"<image> x{ids.count(IMAGE_TOKEN_INDEX)}" if i == IMAGE_TOKEN_INDEX else tok.sp.id_to_piece(i)
             print(f"{i:6d} {piece!r:14} {'learned' if label != IGNORE_INDEX else ''}")

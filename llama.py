@@ -9,9 +9,11 @@ plain causal language model.
 Two paths through attention, both via `F.scaled_dot_product_attention`:
   * training / full forward: no cache and no dense mask. Batches are right-padded, so every pad
     sits after every real token and `is_causal=True` alone is exact for the real tokens;
-    SDPA can then pick its fused kernel.
-  * decoding: a static KV cache, preallocated once, written in place at the new positions;
-    each step attends to the filled part of it.
+    SDPA can then pick its fused (flash) kernel.
+  * decoding: a static KV cache, preallocated once and written in place at the slots `input_pos`
+    names. Every step attends over the whole cache with a mask of the filled slots, so each step
+    has the same shapes: a compiled decode step can be captured once as a CUDA graph and replayed
+    (gpt-fast's recipe; see chat.generate).
 
 Reference: Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models"; module
 names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...).
@@ -43,16 +45,18 @@ class LlamaArgs:
     def head_dim(self):
         return self.dim // self.n_heads
 
-    def flops_per_token(self, seq_len, backward=True):
+    def flops_per_token(self, seq_len, backward=True, lm_head=True):
         """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per matmul weight N (multiply
         and add) forward, twice that again backward, so 6N with the backward; plus attention's
         scores and weighted sum, 2 * 2 * d * T per layer forward (counted over the full T x T
         square, though causal attention needs half), so 12 * L * d * T with the backward. The
         embedding lookup and the norms are free. Stage 1 (frozen LLM, gradients still flow through
         it to the adapter) does no weight gradients: about 2x forward, 4N, rather than 6N.
-        Computed from the shapes alone, so it also holds while ZeRO-3 has the weights scattered."""
+        lm_head=False leaves out the output layer, for tokens whose logits are never computed
+        (model.py computes them only where the loss needs them). Computed from the shapes alone,
+        so it also holds while ZeRO-3 has the weights scattered."""
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        n = self.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size) + d * self.vocab_size
+        n = self.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size) + d * self.vocab_size * lm_head
         forward = 2 * n + 4 * self.n_layers * d * seq_len
         return 3 * forward if backward else forward
 
@@ -127,20 +131,22 @@ def apply_rope(x, cos, sin):  # x: (B, H, T, head_dim)
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position decoded so far, preallocated for max_seq_len."""
+    """Keys and values of every position decoded so far, preallocated for max_seq_len slots."""
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for buffer in (self.k, self.v):  # a captured CUDA graph may write to them in place (chat.compiled)
+            torch._dynamo.mark_static_address(buffer)
 
-    def update(self, start_pos, k, v):
-        """Write k, v (B, Hkv, T, hd) at slots [start_pos, start_pos + T); return all filled slots."""
-        B, end = k.shape[0], start_pos + k.shape[2]
-        self.k[:B, :, start_pos:end] = k
-        self.v[:B, :, start_pos:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]
+    def update(self, input_pos, k, v):
+        """Write k, v (B, Hkv, T, hd) at slots input_pos (T,); return the whole cache (B, Hkv, S, hd).
+        Writing through an index tensor (no Python int) keeps the shapes fixed from step to step."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -153,20 +159,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = None  # a KVCache while decoding (Llama.setup_cache)
 
-    def forward(self, x, cos, sin, start_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if start_pos is None:  # full sequence, right-padded: causal alone is exact
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        else:  # decoding: attend to every cached slot; `mask` is None when all are visible
-            k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
-            # SDPA's is_causal aligns top-left, which is only right when the cache was empty.
-            causal = mask is None and start_pos == 0 and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if input_pos is None:  # full sequence, right-padded: causal alone is exact
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # decoding: attend over the whole cache; `mask` hides the slots not (yet) visible
+            k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -191,8 +195,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, start_pos=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -209,45 +213,60 @@ class Llama(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, input_ids=None, *, inputs_embeds=None, start_pos=None, positions=None, pad_mask=None,
-                last_only=False):
+    def forward(self, input_ids=None, *, inputs_embeds=None, input_pos=None, positions=None, pad_mask=None,
+                logits_at=None):
         """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab).
 
-        Without `start_pos`: a full causal forward with no cache (training, scoring).
-        With `start_pos` (int, after `setup_cache`): these T tokens go into cache slots
-        [start_pos, start_pos + T) and attend to every slot before them.
-          positions: (B, T) RoPE positions; defaults to the slot numbers. Left-padded batches pass
-                     each row's own count of real tokens so far.
-          pad_mask:  (B, start_pos + T) bool, False at cache slots holding padding.
-        last_only: logits for the last position only, (B, 1, vocab): a prefill needs no more, and
-        the full (B, T, vocab) matrix can cost more than the layers for a small model.
+        Without `input_pos`: a full causal forward with no cache (training, scoring).
+        With `input_pos` (T,) long, after `setup_cache`: these T tokens go into those cache slots
+        and attend to every filled slot up to their own.
+          positions: (B, T) RoPE positions; default input_pos. Left-padded batches pass each
+                     row's own count of real tokens so far.
+          pad_mask:  (B, S) bool over the S cache slots, False where a slot holds padding.
+        logits_at: (M,) flat indices into the B*T positions: only their logits, (M, vocab). The
+        loss needs the answer tokens' logits alone, and a prefill the last position's; the full
+        (B, T, vocab) matrix can cost more than the layers for a small model.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = x.shape
         if positions is None:
-            positions = torch.arange(start_pos or 0, (start_pos or 0) + T, device=x.device).expand(B, T)
+            positions = (input_pos if input_pos is not None else torch.arange(T, device=x.device)).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
         mask = None
-        if start_pos is not None and (pad_mask is not None or (T > 1 and start_pos > 0)):
-            slots = torch.arange(start_pos + T, device=x.device)
-            mask = slots <= (start_pos + torch.arange(T, device=x.device))[:, None]  # (T, S) causal
-            if pad_mask is not None:  # hide padding, but let a query always see its own slot
-                mask = (mask & pad_mask[:, None, None, :]) | (slots == start_pos + torch.arange(T, device=x.device)[:, None])
+        if input_pos is not None:
+            slots = torch.arange(self.cache_len, device=x.device)  # (S,)
+            own = slots == input_pos[:, None]  # (T, S): a query always sees its own slot
+            mask = slots <= input_pos[:, None]  # (T, S): causal over the cache
+            if pad_mask is not None:  # hide padding (a padding query still sees itself: no NaN)
+                mask = (mask & pad_mask[:, None, None, :]) | own  # (B, 1, T, S)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, start_pos, mask)
-        if last_only:
-            x = x[:, -1:]
+                x = layer(x, cos, sin, input_pos, mask)
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]  # (M, dim)
         return self.lm_head(self.norm(x))
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):
-        """Preallocate a static KV cache for decoding (forward with start_pos)."""
+        """A static KV cache for decoding (forward with input_pos). An existing cache of the same
+        batch size, dtype and device that is long enough is kept: a compiled decode step then
+        replays the graph it captured for it instead of compiling again. New caches are rounded
+        up to a multiple of 256 slots for the same reason."""
         w = self.lm_head.weight
+        dtype, device = dtype or w.dtype, torch.device(device or w.device)
+        need = max_seq_len or self.args.max_seq_len
+        old = self.layers[0].self_attn.cache
+        if (old is not None and old.k.shape[0] == batch_size and old.k.shape[2] >= need
+                and old.k.dtype == dtype and old.k.device == device):
+            return
+        slots = min(-(-need // 256) * 256, max(need, self.args.max_seq_len))
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch_size, max_seq_len or self.args.max_seq_len, self.args.n_kv_heads,
-                                            self.args.head_dim, dtype or w.dtype, device or w.device)
+            layer.self_attn.cache = KVCache(batch_size, slots, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+
+    @property
+    def cache_len(self):
+        return self.layers[0].self_attn.cache.k.shape[2]
 
     def clear_cache(self):
         for layer in self.layers:

@@ -5,8 +5,8 @@ vision-language adapter maps them into the LLM's embedding space, and the LLM re
 an `<image>` placeholder stood in the text:
 
     pixels (N, 3, 336, 336) --vit--> (N, 576, 1024) --projector--> (N, 576, 5120)
-    input_ids (B, T) with one IMAGE_TOKEN_INDEX per image
-        --embed, splice--> (B, T - 1 + 576, 5120) --llama--> logits
+    input_ids (B, L) holding the image token 576 times per image
+        --embed: write the features at those positions--> (B, L, 5120) --llama--> logits
 
 The paper describes the adapter as "a simple linear projection layer" (`projector="linear"`);
 the released Qilin-Med-VL-Chat uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Both are here.
@@ -31,17 +31,13 @@ from checkpoint import (CheckpointError, Weights, assign_weights, read_bin, read
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
 
-IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in input_ids: one per image, expanded to its patch features
-IGNORE_INDEX = -100  # label value that cross-entropy skips
-
-
 @dataclass
 class QilinConfig:
     projector: str = "linear"  # paper: "linear"; released weights: "mlp2x_gelu"
     select_layer: int = -2  # which hidden state of the ViT (-2: penultimate block, as LLaVA)
     image_fit: str = "pad"  # how images become squares: "pad" (stage 2, chat) or "crop" (see data.py)
     style: str = "paper"  # prompt style the model was trained with: "paper" or "release" (see data.py)
-    image_token_index: int = IMAGE_TOKEN_INDEX  # the placeholder id in input_ids (data.py writes it)
+    image_token_index: int = -200  # LLaVA's image placeholder id in input_ids (data.IMAGE_TOKEN_INDEX)
     vision: VisionArgs = field(default_factory=VisionArgs)
     llm: LlamaArgs = field(default_factory=LlamaArgs)
 
@@ -91,54 +87,53 @@ class QilinMedVL(nn.Module):
         weight = next(self.projector.parameters())
         return self.projector(features.to(weight.dtype))
 
-    def embed(self, input_ids, pixel_values=None, labels=None, attention_mask=None, padding_side="right"):
-        """Splice image features into the token embeddings (LLaVA's convention).
+    def embed(self, input_ids, pixel_values=None, image_positions=None):
+        """Token embeddings with the image features written where the image tokens stand.
 
-        input_ids: (B, T) with the placeholder id (config.image_token_index, -200) once per image,
-        images numbered in row order;
-        pixel_values: (N, 3, S, S), one per placeholder; attention_mask: (B, T), False at padding.
-        Each placeholder becomes that image's num_patches feature vectors (their labels
-        IGNORE_INDEX), so rows grow by different amounts; they are padded again afterwards.
-        Returns embeds (B, L, dim), labels (B, L) or None, and mask (B, L), True at real positions.
+        input_ids: (B, L), already expanded: config.image_token_index once per image *feature*,
+        num_patches in a row per image (transformers' Llava convention; data.expand_images makes
+        it from LLaVA's one placeholder per image). pixel_values: (N, 3, S, S), the images in
+        row order. image_positions: (N * num_patches,) flat indices into the B*L positions where
+        the features go; collate computes them on the CPU, so that nothing here waits for the
+        device. Without them they are found here (one wait, fine for chat and tests).
+        Returns (B, L, dim).
         """
         is_image = input_ids == self.config.image_token_index
-        if attention_mask is not None and bool((is_image & ~attention_mask.bool()).any()):
-            raise ValueError("an image placeholder stands where attention_mask marks padding")
-        n_placeholders = int(is_image.sum())
-        n_images = 0 if pixel_values is None else len(pixel_values)
-        if n_placeholders != n_images:
-            raise ValueError(f"{n_placeholders} image placeholders in input_ids but {n_images} images")
-        images = self.encode_images(pixel_values) if n_images else None  # (N, P, dim)
-        text = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, dim); placeholders overwritten
-        rows, label_rows, k = [], [], 0
-        for b in range(input_ids.shape[0]):
-            keep = attention_mask[b].bool() if attention_mask is not None else slice(None)
-            emb = text[b][keep]
-            lab = labels[b][keep] if labels is not None else torch.full(emb.shape[:1], IGNORE_INDEX, device=emb.device)
-            pieces, label_pieces, start = [], [], 0
-            for pos in is_image[b][keep].nonzero().flatten().tolist():
-                pieces += [emb[start:pos], images[k]]
-                label_pieces += [lab[start:pos], lab.new_full((images.shape[1],), IGNORE_INDEX)]
-                start, k = pos + 1, k + 1
-            rows.append(torch.cat(pieces + [emb[start:]]))
-            label_rows.append(torch.cat(label_pieces + [lab[start:]]))
-        L = max(len(r) for r in rows)
-        embeds = text.new_zeros(len(rows), L, text.shape[-1])
-        out_labels = input_ids.new_full((len(rows), L), IGNORE_INDEX)
-        mask = torch.zeros(len(rows), L, dtype=torch.bool, device=input_ids.device)
-        for b, (r, lab) in enumerate(zip(rows, label_rows)):
-            span = slice(0, len(r)) if padding_side == "right" else slice(L - len(r), L)
-            embeds[b, span], out_labels[b, span], mask[b, span] = r, lab, True
-        return embeds, (out_labels if labels is not None else None), mask
+        x = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, L, dim); image rows overwritten below
+        if pixel_values is None:
+            return x
+        features = self.encode_images(pixel_values).flatten(0, 1)  # (N * P, dim)
+        if image_positions is None:
+            image_positions = is_image.flatten().nonzero().squeeze(1)
+            if len(image_positions) != len(features):
+                raise ValueError(f"{len(image_positions)} image tokens in input_ids but {len(pixel_values)} images "
+                                 f"of {self.num_image_tokens} features each")
+        # A batch of text-only samples carries one zero image and no positions: its features are
+        # computed and none is spliced in (features[:0]), so every rank runs the same modules and
+        # the adapter stays in the graph with a zero gradient, as LLaVA does.
+        features = features[:len(image_positions)].to(x.dtype)
+        return x.flatten(0, 1).index_copy(0, image_positions, features).view_as(x)
 
-    def forward(self, input_ids, pixel_values=None, labels=None, attention_mask=None):
-        """Returns (logits (B, L, vocab), loss): the mean cross-entropy of each learned token given
-        the ones before it (labels shifted by one), or None without labels."""
-        embeds, labels, _ = self.embed(input_ids, pixel_values, labels, attention_mask)
-        logits = self.llm(inputs_embeds=embeds)  # right padding + causal: no mask needed
+    def forward(self, input_ids, pixel_values=None, labels=None, image_positions=None, loss_positions=None):
+        """Without labels: (logits (B, L, vocab), None). With labels (B, L; negative where nothing
+        is learned): (logits at the learned positions (M, vocab), loss), the loss being the mean
+        cross-entropy of each learned token given the ones before it.
+
+        loss_positions: (M,) flat indices of the positions whose *next* token is learned (collate
+        computes them on the CPU). Only there are logits computed: in stage 2 the answers are a
+        few dozen of ~650 positions, so the output layer and the float32 logits shrink ~30x.
+        """
+        x = self.embed(input_ids, pixel_values, image_positions)
         if labels is None:
-            return logits, None
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            return self.llm(inputs_embeds=x), None  # right padding + causal: no mask needed
+        if loss_positions is None:  # one wait for the device; training passes them
+            learned = torch.zeros_like(labels, dtype=torch.bool)
+            learned[:, :-1] = labels[:, 1:] >= 0
+            loss_positions = learned.flatten().nonzero().squeeze(1)
+        logits = self.llm(inputs_embeds=x, logits_at=loss_positions)  # (M, vocab)
+        targets = labels.flatten()[loss_positions + 1]  # (M,): the token after each position
+        # sum / M rather than a mean: a micro-batch with nothing to learn (M = 0) gives 0, not NaN
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(loss_positions), 1)
         return logits, loss
 
     # ---- saving -------------------------------------------------------------------------------
@@ -346,9 +341,9 @@ if __name__ == "__main__":
     # A random demo-size model: where the image features go and what comes out.
     config = QilinConfig(vision=VisionArgs.preset("demo"), llm=LlamaArgs.preset("demo"))
     model = QilinMedVL(config).eval()
-    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 29871, 13, 100, 200]])  # BOS, the image, then text
+    P = model.num_image_tokens
+    ids = torch.tensor([[1] + [config.image_token_index] * P + [29871, 13, 100, 200]])  # BOS, the image, then text
     pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size)
     with torch.no_grad():
         logits, _ = model(ids, pixels)
-    print(f"{ids.shape[1]} tokens with 1 image placeholder -> {logits.shape[1]} positions "
-          f"({model.num_image_tokens} image features), logits {tuple(logits.shape)}")
+    print(f"{ids.shape[1]} positions, {P} of them the image's features -> logits {tuple(logits.shape)}")

@@ -7,9 +7,7 @@
 
 Defaults are the paper's: 1 epoch, AdamW with weight decay 0, warmup for 3% of the steps then
 cosine to 0, max length 2048, bf16 with tf32 matmuls, gradient checkpointing; stage 1 batch 32 per
-GPU at lr 1e-3, stage 2 batch 16 per GPU at lr 2e-5 (8 x A100 80G).
-
-Usage (one node, 8 GPUs; official towers as Hugging Face folders):
+GPU at lr 1e-3, stage 2 batch 16 per GPU at lr 2e-5 (8 x A100 80G). One node of 8 GPUs:
 
     torchrun --nproc_per_node 8 train.py --stage 1 \\
         --vision weights/clip-vit-large-patch14-336 --llm weights/Chinese-LLaMA2-13B-Chat \\
@@ -17,47 +15,38 @@ Usage (one node, 8 GPUs; official towers as Hugging Face folders):
     torchrun --nproc_per_node 8 train.py --stage 2 --stage1-output runs/stage1 \\
         --data data/ChiMed-VL-Instruction.json --image-root data/images --output runs/stage2
 
-  (stage 2 takes the towers from the paths stage 1 recorded; --vision / --llm override them.
-   The released model's choices: --style release --projector mlp2x_gelu.)
+Stage 2 takes the towers from the paths stage 1 recorded. Several nodes: the same command on each
+node with torchrun's --nnodes/--node_rank/--master_addr (or --rdzv_endpoint), and --output on a
+shared filesystem, since every rank writes its part of each checkpoint. DeepSpeed's own launcher
+works too (`deepspeed --num_gpus 8 train.py ...`). The demo trains tiny random towers on the
+bundled samples on a CPU:
 
-Two nodes of 8 GPUs (run on each node, node_rank 0 on the node at MASTER_ADDR; a shared
-filesystem for --output, since every rank writes its part of each checkpoint):
-
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29500 \\
-        train.py --stage 2 ...                                    # node_rank 1 on the other node
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint 10.0.0.1:29500 \\
-        --rdzv_id qilin train.py --stage 2 ...                    # or elastic rendezvous, same on both
-
-DeepSpeed's own launcher works too (`deepspeed --num_gpus 8 train.py --stage 1 ...`): it sets
-the same RANK / WORLD_SIZE / LOCAL_RANK variables and adds a --local_rank argument, ignored here.
-
-The demo trains tiny random towers on the bundled samples on a CPU. On 2 cores stage 1 takes
-about 10 s and stage 2 about 50 s, after DeepSpeed's first start has built a small extension
-(about 45 s, once):
-
-    torchrun --standalone --nproc_per_node 2 train.py --demo --stage 1
-    torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 train.py --demo --stage 1
 
 The output folder holds metrics.jsonl (one line per step), args.json, checkpoints/ (every
---save-every steps, each with a run.json of the settings a resumption must share; --resume
-continues from the latest after a crash or kill) and, at the end, the model: stage 1 the adapter
-(projector.safetensors + config.json), stage 2 the whole model, which
+--save-every steps; --resume continues from the latest after a crash, a kill or Ctrl-C) and, at
+the end, the model: stage 1 the adapter, stage 2 the whole model, which
 `QilinMedVL.from_pretrained(folder)` and chat.py load.
+
+Reading order: `main` (setup, the loop, the save) at the bottom; `train_step` is one optimizer
+step; everything else is a named helper that `main` calls.
 """
 
 import argparse
+import contextlib
+import ctypes
+import io
 import json
 import logging
 import math
 import os
-import random
 import shutil
+import signal
 import sys
 import time
 import warnings
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
@@ -67,7 +56,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, read_config, save_weights
 from data import SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
 from llama import LlamaArgs
-from model import IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL, write_config
+from model import QilinConfig, QilinMedVL, write_config
 from vit import VisionArgs
 
 # Paper section 5.2, per stage; --demo replaces them with values that train a tiny model on a CPU.
@@ -76,13 +65,14 @@ DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_len
                 output="runs/demo-stage1"),
         2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1,
                 output="runs/demo-stage2", stage1_output="runs/demo-stage1")}
-A100_BF16_TFLOPS = 312
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A800": 312, "L40S": 362}  # dense bf16, by datasheet
+MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_positions", "loss_positions")  # from collate
 EPILOG = """
 metrics.jsonl, one line per optimizer step: step, epoch (fractional), loss (mean over ranks and
 micro-steps), lr (the one this step used), tokens (all ranks, image features included),
-tokens_per_s, mfu (LLM FLOPs / peak, see --peak-tflops), skipped (samples excluded when the data
-was read, plus those dropped while training: an unreadable image, or too long with that epoch's
-prompt); with --log-sample-ids also ids.
+tokens_per_s, mfu (model FLOPs / peak: see --peak-tflops; null on a CPU unless given), skipped
+(samples excluded when the data was read, plus those dropped while training: an unreadable image,
+or too long with that epoch's prompt); with --log-sample-ids also ids.
 
 DeepSpeed's own monitors (off by default) are switched on with --deepspeed-config, e.g.
   {"tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "stage2"},
@@ -131,13 +121,16 @@ def parse_args(argv=None):
                    help="move the Adam states (optimizer), and with ZeRO-3 also the weights (all), to CPU memory (default none)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in the backward pass instead of storing its activations (default on)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each LLM block: fuses the work between the matmuls (RMSNorm in float32, RoPE, "
+                        "SwiGLU, casts); costs a minute of compiling at the start")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE",
                    help="JSON merged over the config built in deepspeed_config() (an example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
     g.add_argument("--peak-tflops", type=float,
-                   help="peak TFLOP/s of one GPU/process for MFU (default 312, A100 bf16; on CPU measured at start)")
+                   help="peak TFLOP/s of one GPU for MFU (default: by the GPU's name, A100 312, H100 989)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -162,6 +155,8 @@ def parse_args(argv=None):
         p.error(f"--lr must be above 0, not {args.lr}")
     if not 0 <= args.warmup_ratio < 1:
         p.error(f"--warmup-ratio must be at least 0 and below 1, not {args.warmup_ratio}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output and --overwrite deletes it: choose one")
     for flag in ("data", "image_root", "output"):
         if getattr(args, flag) is None:
             fail(f"--{flag.replace('_', '-')} is required (or --demo)")
@@ -173,22 +168,147 @@ def parse_args(argv=None):
 
 
 def fail(message):
-    """Stop with a message for a person (once, from the first rank) and a non-zero exit status."""
+    """Stop with a message for a person and a non-zero exit status. Rank 0 prints it; every rank
+    also leaves it in torchrun's error file, so that torchrun's failure report shows this line as
+    the root cause instead of "To enable traceback see ..."."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": f"train.py: error: {message}", "timestamp": int(time.time())}, f)
     sys.exit(2)
 
 
-# ----------------------------------------------------------------------------- configuration
+def setup_process():
+    """(rank, local rank, world size, device) for this process, and the settings the run needs."""
+    # torchrun and DeepSpeed's launcher set these; a plain `python train.py` is one process.
+    launched = "LOCAL_RANK" in os.environ
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, value)
+    if launched and sys.platform.startswith("linux"):
+        # torchrun starts each worker in a session of its own, so `kill -9` of torchrun would leave
+        # them training and writing checkpoints. Ask the kernel to kill this worker with its parent.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if not torch.cuda.is_available():
+        return rank, local_rank, world, torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # cuDNN's attention plans its kernels anew for every sequence length, and every batch has a
+    # new one: that alone cost a third of the step. Flash attention (then memory-efficient) needs no plan.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return rank, local_rank, world, torch.device("cuda", local_rank)
 
-def deepspeed_config(args, world_size, on_gpu):
+
+# ----------------------------------------------------------------------------- model and data
+
+def resolve_model_choices(args):
+    """Fill --projector, --style, --image-fit, --vision and --llm where they were not given.
+
+    Stage 2 continues what stage 1 recorded in its config.json: its adapter only fits the towers,
+    the adapter shape and the prompts it was trained with. Otherwise: the paper's choices."""
+    if args.stage == 2:
+        s1 = read_config(args.stage1_output)
+        if s1.get("model_type") != "qilin_med_vl_projector":
+            raise CheckpointError(f"{args.stage1_output}: config.json is not a stage-1 output "
+                                  f"(model_type {s1.get('model_type')!r}, expected 'qilin_med_vl_projector')")
+        missing = [key for key in ("projector", "style", "vision_path", "llm_path") if key not in s1]
+        if missing:
+            raise CheckpointError(f"{args.stage1_output}/config.json lacks {', '.join(missing)} "
+                                  f"(it was not written by this train.py's stage 1)")
+        if args.projector not in (None, s1["projector"]):
+            raise CheckpointError(f"--projector {args.projector} but {args.stage1_output} holds a {s1['projector']!r} adapter")
+        args.projector, args.style = s1["projector"], args.style or s1["style"]
+        args.vision, args.llm = args.vision or s1["vision_path"], args.llm or s1["llm_path"]
+    args.projector, args.style = args.projector or "linear", args.style or "paper"
+    args.image_fit = args.image_fit or ("crop" if args.stage == 1 else "pad")
+
+
+def build_model(args, dtype, device=None):
+    """(model, config, tokenizer path): towers from their folders, the adapter fresh (stage 1) or
+    from stage 1's output (stage 2); the demo's towers are random. Call resolve_model_choices first.
+    Weights go from the checkpoint's memory-mapped pages to `device` and are cast there, so no
+    rank holds a converted copy of the 13B model in host memory."""
+    if args.demo and args.stage == 1 and args.vision is None:
+        tokenizer = str(SAMPLES / "tokenizer.model")
+        vision, llm = VisionArgs.preset("demo"), LlamaArgs.preset("demo")
+        llm.vocab_size = Tokenizer(tokenizer).vocab_size
+    else:
+        if args.vision is None or args.llm is None:
+            raise CheckpointError("no --vision / --llm folder given, and stage 1 recorded none")
+        tokenizer = os.path.join(args.llm, "tokenizer.model")
+        vision = VisionArgs.from_hf_config(read_config(args.vision))
+        llm = LlamaArgs.from_hf_config(read_config(args.llm))
+    config = QilinConfig(projector=args.projector, image_fit=args.image_fit, style=args.style, vision=vision, llm=llm)
+    torch.manual_seed(args.seed)  # random parts (the adapter; the demo's towers) are the same on every rank
+    model = QilinMedVL.from_parts(config, args.vision, args.llm, args.stage1_output if args.stage == 2 else None,
+                                  dtype, device)
+    return model, config, tokenizer
+
+
+def load_everything(args, dtype, device):
+    """Every input checked and loaded, on every rank, before any process waits for another or
+    anything is written: (model, config, tokenizer, tokenizer path, dataset)."""
+    check_output_folder(args)
+    if not os.path.isfile(args.data):
+        fail(f"--data {args.data}: no such file")
+    if not os.path.isdir(args.image_root):
+        fail(f"--image-root {args.image_root}: no such folder")
+    try:
+        resolve_model_choices(args)
+        model, config, tokenizer_path = build_model(args, dtype, device)
+        tokenizer = Tokenizer(tokenizer_path)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
+        hint = " (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""
+        fail(f"{message}{hint}")
+    if tokenizer.vocab_size != config.llm.vocab_size:
+        fail(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is {config.llm.vocab_size}")
+    try:
+        dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
+                                style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
+                                max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed)
+    except ValueError as e:  # a data file that is not JSON or JSON lines
+        fail(str(e))
+    if len(dataset) == 0:
+        hint = f" (are the images under --image-root {args.image_root}?)" if dataset.skipped["missing_image"] else ""
+        fail(f"no sample to train on: {dataset.report()}{hint}")
+    return model, config, tokenizer, tokenizer_path, dataset
+
+
+def epoch_batches(dataset, args, world, rank, epoch):
+    """This rank's micro-batches of one epoch, grouped by optimizer step: a pure function of
+    (seed, epoch, rank), so a resumed run finds the same batches and skips those already trained.
+    A last, partial accumulation is dropped."""
+    dataset.set_epoch(epoch)  # paper style: fresh prompts each epoch (data.py)
+    sampler = LengthGroupedSampler(dataset.lengths, args.batch_size, world, rank, args.seed)
+    sampler.set_epoch(epoch)
+    order, n = list(sampler), args.batch_size
+    batches = [order[i:i + n] for i in range(0, len(order) - n + 1, n)]
+    return batches[:len(batches) // args.grad_accum * args.grad_accum]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+def deepspeed_config(args, world_size, on_gpu, llm_args=None):
     """The whole DeepSpeed configuration, built where it can be read; --deepspeed-config merges
     over it (for example to switch on DeepSpeed's monitors: see --help)."""
+    # overlap_comm: reduce gradients while the backward pass goes on; contiguous: no fragmentation.
     zero = {"stage": args.zero, "overlap_comm": on_gpu, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if args.zero == 3:
-        zero.update(stage3_prefetch_bucket_size=5e8, stage3_param_persistence_threshold=1e6,
-                    stage3_gather_16bit_weights_on_model_save=True)
+        layer = 4 * 5120 ** 2 + 3 * 5120 * 13824 if llm_args is None else \
+            llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights per block
+        dim = 5120 if llm_args is None else llm_args.dim
+        zero.update(
+            # gather the next block's weights while this one computes: a block and a half ahead
+            stage3_prefetch_bucket_size=int(1.5 * layer),
+            # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
+            stage3_param_persistence_threshold=10 * dim,
+            # reduce a block's gradients as soon as its backward is done
+            reduce_bucket_size=layer,
+            stage3_gather_16bit_weights_on_model_save=True)
     if args.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if args.offload == "all" and args.zero == 3:
@@ -232,48 +352,214 @@ def warmup_cosine(step, warmup_steps, total_steps):
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------- model
+def start_deepspeed(model, args, world, device, total_steps):
+    """The DeepSpeed engine (ZeRO sharding, bf16, AdamW) and the lr schedule around the model."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said once below, not warned by every process
+        if rank_zero() and not shm_extension_built():
+            print("DeepSpeed on the CPU: building its shared-memory communication extension, once (about a minute; "
+                  "cached in TORCH_EXTENSIONS_DIR)", flush=True)
+    import deepspeed  # here, so that `--help` and the input checks answer without its start-up cost
 
-def resolve_model_choices(args):
-    """Fill --projector, --style, --image-fit, --vision and --llm where they were not given.
-
-    Stage 2 continues what stage 1 recorded in its config.json: its adapter only fits the towers,
-    the adapter shape and the prompts it was trained with. Otherwise: the paper's choices."""
-    if args.stage == 2:
-        s1 = read_config(args.stage1_output)
-        if s1.get("model_type") != "qilin_med_vl_projector":
-            raise CheckpointError(f"{args.stage1_output}: config.json is not a stage-1 output "
-                                  f"(model_type {s1.get('model_type')!r}, expected 'qilin_med_vl_projector')")
-        missing = [key for key in ("projector", "style", "vision_path", "llm_path") if key not in s1]
-        if missing:
-            raise CheckpointError(f"{args.stage1_output}/config.json lacks {', '.join(missing)} "
-                                  f"(it was not written by this train.py's stage 1)")
-        if args.projector not in (None, s1["projector"]):
-            raise CheckpointError(f"--projector {args.projector} but {args.stage1_output} holds a {s1['projector']!r} adapter")
-        args.projector, args.style = s1["projector"], args.style or s1["style"]
-        args.vision, args.llm = args.vision or s1["vision_path"], args.llm or s1["llm_path"]
-    args.projector, args.style = args.projector or "linear", args.style or "paper"
-    args.image_fit = args.image_fit or ("crop" if args.stage == 1 else "pad")
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its config dump and per-step notes would drown the bar
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
+    with contextlib.redirect_stdout(io.StringIO()) if not rank_zero() else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # its notes: once
+    model.set_trainable(args.stage)
+    model.llm.gradient_checkpointing = args.gradient_checkpointing
+    if args.compile:  # each block compiled on its own: ZeRO-3's hooks on its weights stay outside the graphs
+        for layer in model.llm.layers:
+            layer.compile()
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(args, world, device.type == "cuda", model.config.llm),
+        lr_scheduler=lambda opt: LambdaLR(opt, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)))
+    return engine, scheduler
 
 
-def build_model(args, dtype):
-    """(model, config, tokenizer path): towers from their folders, the adapter fresh (stage 1) or
-    from stage 1's output (stage 2); the demo's towers are random. Call resolve_model_choices first."""
-    if args.demo and args.stage == 1 and args.vision is None:
-        tokenizer = str(SAMPLES / "tokenizer.model")
-        vision = VisionArgs.preset("demo")
-        llm = LlamaArgs.preset("demo")
-        llm.vocab_size = Tokenizer(tokenizer).vocab_size
+def shm_extension_built():
+    """Whether DeepSpeed's CPU communication extension is already compiled (torch's extension cache)."""
+    from torch.utils.cpp_extension import _get_build_directory
+    folder = _get_build_directory("deepspeed_shm_comm", verbose=False)
+    return any(name.endswith(".so") for name in os.listdir(folder))
+
+
+def rank_zero():
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+# ----------------------------------------------------------------------------- one step
+
+class NonFiniteLoss(Exception):
+    """The loss of a step is NaN or infinite: the update is not applied."""
+
+
+def train_step(engine, micro_batches, stage, llm_args):
+    """One optimizer step: forward and backward of each micro-batch (ours: grad_accum of them),
+    then clipping and AdamW. The only wait for the device is the sum of the loss and the counts
+    over ranks, once, before the update: it is needed to stop before a non-finite loss is applied.
+    Returns that sum: loss, micro-steps that learned something, tokens, FLOPs, dropped samples."""
+    loss_sum = torch.zeros((), device=engine.device)
+    counts = torch.zeros(4, dtype=torch.float64)  # micro-steps, tokens, FLOPs, dropped: known on the host
+    for k, batch in enumerate(micro_batches):
+        inputs = {name: batch[name].to(engine.device, non_blocking=True) for name in MODEL_INPUTS}
+        _, loss = engine(**inputs)  # mean cross-entropy of the learned tokens
+        engine.backward(loss)
+        if k < len(micro_batches) - 1:
+            engine.step()  # DeepSpeed counts micro-steps; only the last one of an accumulation updates
+        loss_sum += loss.detach()
+        counts += torch.tensor([len(batch["loss_positions"]) > 0, sum(batch["lengths"]),
+                                step_flops(batch["lengths"], len(batch["loss_positions"]), llm_args, stage),
+                                batch["n_dropped"]], dtype=torch.float64)
+    totals = torch.cat([loss_sum.double()[None], counts.to(engine.device)])
+    dist.all_reduce(totals)  # NCCL reduces GPU tensors only
+    totals = totals.tolist()
+    if totals[1] and not math.isfinite(totals[0]):
+        raise NonFiniteLoss(totals[0] / totals[1])
+    engine.step()  # clip, AdamW, next lr
+    return totals
+
+
+def step_flops(lengths, n_logits, llm_args, stage):
+    """The LLM's matmul FLOPs for samples of these lengths, the output layer counted only at the
+    n_logits positions where it runs (the frozen ViT adds ~1%). Stage 2 trains the LLM: forward
+    and backward. Stage 1 passes gradients through the frozen LLM to the adapter without
+    computing its weight gradients: twice the forward."""
+    def per_token(T, lm_head):
+        return llm_args.flops_per_token(T, lm_head=lm_head) if stage == 2 else \
+            2 * llm_args.flops_per_token(T, backward=False, lm_head=lm_head)
+    head = per_token(0, True) - per_token(0, False)
+    return sum(T * per_token(T, False) for T in lengths) + n_logits * head
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def check_output_folder(args):
+    """Refuse to mix two runs in one folder; --resume needs a checkpoint to resume from."""
+    out = args.output
+    if args.resume:
+        if not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
+            fail(f"--resume: {out} has no checkpoints/latest to resume from (was it run with --save-every?)")
+    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        fail(f"{out} already holds another run ({', '.join(sorted(os.listdir(out))[:5])}); pass --resume to continue "
+             f"it, --overwrite to replace it, or choose another --output")
+
+
+def run_settings(args, world, samples):
+    """What a resumed run must share with the run it continues: the data order, the lr schedule
+    and the layout of DeepSpeed's checkpoint follow from these. Every checkpoint keeps them as run.json."""
+    keys = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size", "grad_accum",
+            "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
+    return dict({k: getattr(args, k) for k in keys}, world_size=world, data=os.path.abspath(args.data), samples=samples)
+
+
+def latest_checkpoint(folder):
+    """The tag `checkpoints/latest` points to, or None."""
+    path = os.path.join(folder, "checkpoints", "latest")
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
+def check_same_run(folder, run):
+    """--resume: stop with a message, before anything is loaded, if the latest checkpoint was
+    trained with other settings (DeepSpeed would fail on another world size or ZeRO stage, and
+    anything else would silently change the data order or the lr schedule)."""
+    tag = latest_checkpoint(folder)
+    path = os.path.join(folder, "checkpoints", tag, "run.json")
+    if not os.path.isfile(path):
+        fail(f"--resume: {path} is missing, so {folder}/checkpoints/{tag} is not a complete checkpoint")
+    with open(path) as f:
+        saved = json.load(f)
+    changed = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]
+    if changed:
+        fail(f"cannot resume {folder}/checkpoints/{tag}: this run's settings differ from the checkpoint's "
+             f"({'; '.join(changed)}). Resume with the same settings, or start a new run with --overwrite or another --output")
+
+
+def save_checkpoint(engine, folder, state, run):
+    """A resumable checkpoint under a new tag; `latest` moves to it only when every rank is done.
+
+    Frozen weights are not saved (stage 1 would write the whole 13B LLM every time): a resumed
+    run rebuilds them from the towers exactly as the first run did. No random state is saved:
+    nothing in a step draws random numbers (the data order and prompts are seeded by the epoch)."""
+    root, tag = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}"
+    if rank_zero():
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
+    if rank_zero():
+        with open(os.path.join(root, tag, "run.json"), "w") as f:
+            json.dump(run, f, indent=2)
+    dist.barrier()  # every rank has written its part of this tag
+    if rank_zero():
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))  # DeepSpeed's pointer format
+        for old in os.listdir(root):
+            if old.startswith("step-") and old != tag:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def resume(engine, folder):
+    """Restore engine, optimizer and scheduler from the latest checkpoint (check_same_run has
+    vouched for its settings) and return its state. metrics.jsonl keeps the lines of the steps
+    up to the checkpoint, so that the steps that run again are not listed twice."""
+    tag = latest_checkpoint(folder)
+    path, state = engine.load_checkpoint(os.path.join(folder, "checkpoints"), tag=tag, load_module_strict=False)
+    if path is None:
+        raise CheckpointError(f"{folder}/checkpoints/{tag}: DeepSpeed could not load this checkpoint")
+    metrics = os.path.join(folder, "metrics.jsonl")
+    if rank_zero() and os.path.isfile(metrics):
+        kept = []
+        for line in open(metrics).read().splitlines():
+            try:
+                if json.loads(line)["step"] <= state["step"]:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:  # a line torn by the kill: its step runs again anyway
+                pass
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+    return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
+
+
+# ----------------------------------------------------------------------------- the trained model
+
+def save_final_model(model, config, args, tokenizer_path):
+    """Write the trained model into --output: stage 1 the adapter (with the demo's random towers),
+    stage 2 the whole model. ZeRO-3 keeps a slice of every weight on each rank: gather them one at
+    a time (every rank takes part in each gather) into a CPU copy of the whole model on rank 0."""
+    import deepspeed
+
+    full = model
+    if args.zero == 3:
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank_zero():
+                    state[name] = p.detach().cpu().clone()
+        if rank_zero():
+            with torch.device("meta"):
+                full = QilinMedVL(config)
+            full.load_state_dict(state, strict=True, assign=True)
+    if not rank_zero():
+        return
+    if args.stage == 1:
+        vision, llm = args.vision, args.llm
+        if vision is None:  # demo: the random towers go with the adapter, as Hugging Face folders
+            vision, llm = os.path.join(args.output, "vision"), os.path.join(args.output, "llm")
+
+        def write(tmp):
+            if args.vision is None:
+                save_demo_towers(full, tmp, tokenizer_path)
+            full.save_projector(tmp, vision, llm, tokenizer_path)
     else:
-        if args.vision is None or args.llm is None:
-            raise CheckpointError("no --vision / --llm folder given, and stage 1 recorded none")
-        tokenizer = os.path.join(args.llm, "tokenizer.model")
-        vision = VisionArgs.from_hf_config(read_config(args.vision))
-        llm = LlamaArgs.from_hf_config(read_config(args.llm))
-    config = QilinConfig(projector=args.projector, image_fit=args.image_fit, style=args.style, vision=vision, llm=llm)
-    torch.manual_seed(args.seed)  # random parts (the adapter; the demo's towers) are the same on every rank
-    model = QilinMedVL.from_parts(config, args.vision, args.llm, args.stage1_output if args.stage == 2 else None, dtype)
-    return model, config, tokenizer
+        def write(tmp):
+            full.save_pretrained(tmp, tokenizer=tokenizer_path)
+    write_output(args.output, write)
+
 
 def save_demo_towers(model, folder, tokenizer):
     """The demo's random towers, written as Hugging Face folders (the layout of the official
@@ -294,8 +580,7 @@ def write_output(folder, write):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
-    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")  # config.json last
-    for name in names:
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config.json last
         target = os.path.join(folder, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
@@ -303,354 +588,142 @@ def write_output(folder, write):
     os.rmdir(tmp)
 
 
+# ----------------------------------------------------------------------------- metrics
 
-def save_final_model(model, config, args, tokenizer_path, rank):
-    """Write the trained model into --output: stage 1 the adapter (with the demo's random towers),
-    stage 2 the whole model. ZeRO-3 keeps a slice of every weight on each rank: gather them one at
-    a time (every rank takes part in each gather) into a CPU copy of the whole model on rank 0."""
-    import deepspeed
+class Metrics:
+    """metrics.jsonl and the progress bar (rank 0), from the totals train_step returns."""
 
-    full = model
-    if args.zero == 3:
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank == 0:
-                    state[name] = p.detach().cpu().clone()
-        if rank == 0:
-            with torch.device("meta"):
-                full = QilinMedVL(config)
-            full.load_state_dict(state, strict=True, assign=True)
-    if rank != 0:
-        return
-    if args.stage == 1:
-        vision, llm = args.vision, args.llm
-        if vision is None:  # demo: the random towers go with the adapter, as Hugging Face folders
-            vision, llm = os.path.join(args.output, "vision"), os.path.join(args.output, "llm")
+    def __init__(self, args, world, device, total_steps, step, skipped):
+        gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""
+        self.peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 312 if gpu else None)
+        self.world, self.skipped, self.log_ids, self.t = world, skipped, args.log_sample_ids, time.perf_counter()
+        self.file = open(os.path.join(args.output, "metrics.jsonl"), "a") if rank_zero() else None
+        self.bar = tqdm(total=total_steps, initial=step, disable=not rank_zero(), dynamic_ncols=True, desc=f"stage {args.stage}")
 
-        def write(tmp):
-            if args.vision is None:
-                save_demo_towers(full, tmp, tokenizer_path)
-            full.save_projector(tmp, vision, llm, tokenizer_path)
-    else:
-        def write(tmp):
-            full.save_pretrained(tmp, tokenizer=tokenizer_path)
-    write_output(args.output, write)
+    def log(self, totals, step, epoch, lr, dropped, ids):
+        loss_sum, learned, tokens, flops, _ = totals
+        now, dt = time.perf_counter(), time.perf_counter() - self.t
+        self.t = now
+        loss = loss_sum / learned if learned else None  # None: every sample of the step was dropped
+        record = dict(step=step, epoch=round(epoch, 4), loss=loss, lr=lr, tokens=int(tokens),
+                      tokens_per_s=round(tokens / dt, 1), skipped=self.skipped + dropped,
+                      mfu=round(flops / dt / (self.peak * 1e12 * self.world), 5) if self.peak else None)
+        if self.log_ids:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, ids)
+            record["ids"] = [i for rank_ids in gathered for i in rank_ids]
+        if rank_zero():
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
+            mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "-"
+            self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}", mfu=mfu, refresh=False)
+            self.bar.update()
 
+    def pause(self):
+        self.t = time.perf_counter()  # a checkpoint's save is not training time
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def run_settings(args, world, samples):
-    """What a resumed run must share with the run it continues: the data order, the lr schedule
-    and the layout of DeepSpeed's checkpoint follow from these. Every checkpoint keeps them as run.json."""
-    return dict(stage=args.stage, world_size=world, zero=args.zero, precision=args.precision,
-                data=os.path.abspath(args.data), samples=samples, max_length=args.max_length, style=args.style,
-                projector=args.projector, image_fit=args.image_fit, batch_size=args.batch_size,
-                grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
-                warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                seed=args.seed)
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
-def check_same_run(folder, run):
-    """--resume: stop with a message, before anything is loaded, if the latest checkpoint was
-    trained with other settings (DeepSpeed would fail on another world size or ZeRO stage, and
-    anything else would silently change the data order or the lr schedule)."""
-    root = os.path.join(folder, "checkpoints")
-    with open(os.path.join(root, "latest")) as f:
-        tag = f.read().strip()
-    path = os.path.join(root, tag, "run.json")
-    if not os.path.isfile(path):
-        fail(f"--resume: {path} is missing, so {root}/{tag} is not a complete checkpoint")
-    with open(path) as f:
-        saved = json.load(f)
-    changed = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]
-    if changed:
-        fail(f"cannot resume {root}/{tag}: this run's settings differ from the checkpoint's ({'; '.join(changed)}). "
-             f"Resume with the same settings, or start a new run with --overwrite or another --output")
-
-
-def save_checkpoint(engine, folder, step, client_state, run, rank):
-    """A resumable checkpoint under a new tag; `latest` moves to it only when every rank is done.
-
-    Frozen weights are not saved (stage 1 would write the whole 13B LLM every time): a resumed
-    run rebuilds them from the towers exactly as the first run did.
-    """
-    root, tag = os.path.join(folder, "checkpoints"), f"step-{step:08d}"
-    if rank == 0:
-        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
-    dist.barrier()
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True)
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(rng, os.path.join(root, tag, f"rng-rank{rank:05d}.pt"))
-    if rank == 0:
-        with open(os.path.join(root, tag, "run.json"), "w") as f:
-            json.dump(run, f, indent=2)
-    dist.barrier()  # every rank has written its part of this tag
-    if rank == 0:
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))  # DeepSpeed's pointer format
-        for old in os.listdir(root):
-            if old.startswith("step-") and old != tag:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-
-
-def resume(engine, folder, rank):
-    """Restore engine, optimizer, scheduler and this rank's RNG states from the latest checkpoint
-    (check_same_run has vouched for its settings); return its tag and client state. metrics.jsonl
-    loses the lines of the steps that will run again."""
-    root = os.path.join(folder, "checkpoints")
-    with open(os.path.join(root, "latest")) as f:
-        tag = f.read().strip()
-    path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)  # frozen weights come from the towers
-    if path is None:
-        raise CheckpointError(f"{root}/{tag}: DeepSpeed could not load this checkpoint")
-    rng = torch.load(os.path.join(root, tag, f"rng-rank{rank:05d}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    metrics_path = os.path.join(folder, "metrics.jsonl")
-    if rank == 0 and os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-        try:
-            json.loads(lines[-1] if lines else "{}")
-        except json.JSONDecodeError:  # a kill while the line was written: that step runs again anyway
-            lines.pop()
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= state["step"])
-        os.replace(metrics_path + ".tmp", metrics_path)
-    return tag, state
-
-
-def check_output_folder(args):
-    """Refuse to mix two runs in one folder; --resume needs a checkpoint to resume from."""
-    out = args.output
-    if args.resume:
-        if not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
-            fail(f"--resume: {out} has no checkpoints/latest to resume from (was it run with --save-every?)")
-    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        fail(f"{out} already holds another run ({', '.join(sorted(os.listdir(out))[:5])}); pass --resume to continue "
-             f"it, --overwrite to replace it, or choose another --output")
-
-
-# ----------------------------------------------------------------------------- measuring
-
-def cpu_peak_tflops(n=1024, repeats=5):
-    """A rough CPU peak: the best fp32 matmul rate of this process (its threads) on this machine."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
-
-
-def expanded_lengths(batch, num_image_tokens):
-    """Tokens per row the LLM really processes: text without padding, each image as its features."""
-    n_images = (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1)
-    return batch["attention_mask"].sum(1) + n_images * (num_image_tokens - 1)  # (B,)
-
-
-def step_flops(lengths, llm_args, stage):
-    """The LLM's matmul FLOPs for samples of these lengths: each sample's tokens times the FLOPs
-    per token at its length (the frozen ViT adds ~1%). Stage 2 trains the LLM: forward and
-    backward. Stage 1 passes gradients through the frozen LLM to the adapter without computing
-    its weight gradients: twice the forward."""
-    total = 0
-    for T in lengths:
-        per_token = llm_args.flops_per_token(T) if stage == 2 else 2 * llm_args.flops_per_token(T, backward=False)
-        total += T * per_token
-    return total
-
-
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
-    # torchrun and DeepSpeed's launcher set these; a plain `python train.py` is one process.
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, value)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    on_gpu = torch.cuda.is_available()
-    args.precision = ("bf16" if on_gpu else "fp32") if args.precision == "auto" else args.precision
+    rank, local_rank, world, device = setup_process()
+    args.precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # Everything that can be wrong with the inputs fails here, on every rank, before any process
-    # waits for another or anything is written or loaded.
-    check_output_folder(args)
-    if not os.path.isfile(args.data):
-        fail(f"--data {args.data}: no such file")
-    if not os.path.isdir(args.image_root):
-        fail(f"--image-root {args.image_root}: no such folder")
-    try:
-        resolve_model_choices(args)
-        model, config, tokenizer_path = build_model(args, dtype)
-        tokenizer = Tokenizer(tokenizer_path)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
-        hint = " (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""
-        fail(f"{message}{hint}")
-    if tokenizer.vocab_size != config.llm.vocab_size:
-        fail(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is {config.llm.vocab_size}")
-    try:
-        dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
-                                style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
-                                max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed)
-    except ValueError as e:  # a data file that is not JSON or JSON lines
-        fail(str(e))
-    if len(dataset) == 0:
-        hint = f" (are the images under --image-root {args.image_root}?)" if dataset.skipped["missing_image"] else ""
-        fail(f"no sample to train on: {dataset.report()}{hint}")
-    excluded = sum(dataset.skipped.values())
+    model, config, tokenizer, tokenizer_path, dataset = load_everything(args, dtype, device)
     run = run_settings(args, world, len(dataset))
     if args.resume:
         check_same_run(args.output, run)
+    steps_per_epoch = len(epoch_batches(dataset, args, world, rank, 0)) // args.grad_accum
+    if steps_per_epoch == 0:
+        fail(f"{len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world} samples")
+    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    engine, scheduler = start_deepspeed(model, args, world, device, total_steps)
+    prepare_output(args, world)
+    state = dict(step=0, epoch=0, micro_done=0, dropped=0)  # micro_done: this epoch's micro-batches trained
+    if args.resume:
+        tag, state = resume(engine, args.output)
+        log(f"resumed from {args.output}/checkpoints/{tag}: step {state['step']}, epoch {state['epoch']}")
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained (stage {args.stage}); "
+        f"{args.precision}, ZeRO-{args.zero}, {world} processes\n{dataset.report()}")
+    metrics = Metrics(args, world, device, total_steps, state["step"], sum(dataset.skipped.values()))
+    collate_batch = partial(collate, pad_id=tokenizer.pad_id, image_size=config.vision.image_size)
+    engine.train()
+    try:
+        while state["step"] < total_steps:  # the loop: one optimizer step per pass
+            batches = epoch_batches(dataset, args, world, rank, state["epoch"])
+            loader = iter(DataLoader(dataset, batch_sampler=batches[state["micro_done"]:], collate_fn=collate_batch,
+                                     num_workers=args.num_workers, pin_memory=device.type == "cuda"))
+            for _ in range(state["micro_done"] // args.grad_accum, len(batches) // args.grad_accum):
+                micro_batches = [next(loader) for _ in range(args.grad_accum)]
+                lr = scheduler.get_last_lr()[0]
+                totals = train_step(engine, micro_batches, args.stage, config.llm)
+                state["step"], state["micro_done"] = state["step"] + 1, state["micro_done"] + args.grad_accum
+                state["dropped"] += int(totals[4])
+                metrics.log(totals, state["step"], state["epoch"] + state["micro_done"] / len(batches), lr,
+                            state["dropped"], [i for b in micro_batches for i in b["ids"]])
+                if state["micro_done"] == len(batches):
+                    state["epoch"], state["micro_done"] = state["epoch"] + 1, 0
+                if state["step"] % args.save_every == 0 and state["step"] < total_steps:
+                    save_checkpoint(engine, args.output, state, run)
+                    metrics.pause()
+                if state["step"] >= total_steps:
+                    break
+    except NonFiniteLoss as e:
+        kept = latest_checkpoint(args.output)
+        fail(f"step {state['step'] + 1}: the loss is {e}; stopping before the update. "
+             + (f"The last good checkpoint is {args.output}/checkpoints/{kept}: lower --lr and --resume."
+                if kept else "No checkpoint was saved yet: lower --lr and start again with --overwrite."))
+    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every worker)
+        stopped(args, state)
+    metrics.close()
+    save_final_model(model, config, args, tokenizer_path)
+    log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after "
+        f"{state['step']} steps; {state['dropped']} samples dropped while training (an unreadable image, "
+        f"or too long with that epoch's prompt)")
+    dist.barrier()
+    dist.destroy_process_group()
 
-    import deepspeed  # here, so that `--help` and the checks above answer without its start-up cost
-    deepspeed.utils.logger.setLevel(logging.WARNING)  # its config dump and per-step notes would drown the bar
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
-    if rank == 0:
-        if args.overwrite and not args.resume:
+
+def log(message):
+    if rank_zero():
+        tqdm.write(message)
+
+
+def prepare_output(args, world):
+    """The run folder, made (or emptied with --overwrite) by rank 0 once every input has been checked."""
+    if rank_zero():
+        if args.overwrite:
             shutil.rmtree(args.output, ignore_errors=True)
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "args.json"), "w") as f:
             json.dump(dict(vars(args), world_size=world), f, indent=2)
     dist.barrier()
 
-    model.set_trainable(args.stage)
-    model.llm.gradient_checkpointing = args.gradient_checkpointing
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    peak = args.peak_tflops or (A100_BF16_TFLOPS if on_gpu else cpu_peak_tflops())
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained (stage {args.stage}); {args.precision}, ZeRO-{args.zero}, "
-        f"{world} processes")
-    log(dataset.report())
-    log(f"MFU against a peak of {peak:.3g} TFLOP/s per process "
-        f"({'--peak-tflops' if args.peak_tflops else 'A100 bf16' if on_gpu else 'measured: fp32 matmul on this CPU'})")
 
-    def epoch_batches(epoch):
-        # This rank's batches: the sampler's order is a pure function of (seed, epoch, rank), so a
-        # resumed run finds the same batches and skips the ones already trained.
-        dataset.set_epoch(epoch)  # paper style: fresh prompts each epoch (data.py)
-        sampler = LengthGroupedSampler(dataset.lengths, args.batch_size, world, rank, args.seed)
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        n = len(order) // args.batch_size // args.grad_accum * args.grad_accum  # a last partial accumulation is dropped
-        return [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(n)]
-
-    steps_per_epoch = len(epoch_batches(0)) // args.grad_accum
-    if steps_per_epoch == 0:
-        fail(f"{len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world} samples")
-    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=deepspeed_config(args, world, on_gpu),
-        lr_scheduler=lambda opt: LambdaLR(opt, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)))
-
-    # optimizer steps so far; where in the data we are; samples dropped while training
-    step, epoch, micro_done, dropped = 0, 0, 0, 0
-    if args.resume:
-        tag, state = resume(engine, args.output, rank)
-        step, epoch, micro_done, dropped = state["step"], state["epoch"], state["micro_done"], state["dropped"]
-        log(f"resumed from {args.output}/checkpoints/{tag}: step {step}, epoch {epoch}, batch {micro_done}")
-
-    metrics = open(os.path.join(args.output, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"stage {args.stage}")
-    engine.train()
-    pad_id = tokenizer.pad_id
-    dummy = None  # stands in for a batch whose every sample was dropped, to keep the ranks in step
-    t_last = time.perf_counter()
-    # per step, summed over micro-steps then ranks: loss, micro-steps, tokens, FLOPs, dropped samples
-    acc = torch.zeros(5, dtype=torch.float64)
-    ids_seen = []
-    while step < total_steps and epoch < args.epochs:
-        batches = epoch_batches(epoch)
-        loader = DataLoader(dataset, batch_sampler=batches[micro_done:],  # resume: skip what was trained
-                            collate_fn=partial(collate, pad_id=pad_id), num_workers=args.num_workers)
-        for batch in loader:
-            micro_done += 1
-            if batch["ids"]:
-                lengths = expanded_lengths(batch, model.num_image_tokens).tolist()
-                inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
-                _, loss = engine(**inputs)  # (B, T) in, mean cross-entropy of the learned tokens out
-                acc += torch.tensor([loss.item(), 1, sum(lengths), step_flops(lengths, config.llm, args.stage),
-                                     batch["n_dropped"]], dtype=torch.float64)
-            else:  # every sample dropped: a zero-weight forward so that collectives still match
-                if dummy is None:
-                    size = config.vision.image_size
-                    dummy = dict(input_ids=torch.tensor([[tokenizer.bos_id, IMAGE_TOKEN_INDEX]], device=engine.device),
-                                 pixel_values=torch.zeros(1, 3, size, size, device=engine.device))
-                logits, _ = engine(**dummy)
-                loss = logits.float().sum() * 0.0
-                acc[4] += batch["n_dropped"]
-            ids_seen += batch["ids"]
-            engine.backward(loss)
-            if not engine.is_gradient_accumulation_boundary():
-                engine.step()  # only accumulates
-                continue
-            # Before applying the update: did any rank see a non-finite loss?
-            totals = acc.to(engine.device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(totals)
-            totals = totals.cpu()
-            loss_value = totals[0].item() / totals[1].item() if totals[1] else None  # None: every sample dropped
-            if loss_value is not None and not math.isfinite(loss_value):
-                latest = os.path.join(args.output, "checkpoints", "latest")
-                kept = open(latest).read().strip() if os.path.isfile(latest) else None
-                fail(f"step {step + 1}: the loss is {loss_value}; stopping before the update. "
-                     + (f"The last good checkpoint is {args.output}/checkpoints/{kept}: lower --lr and --resume."
-                        if kept else "No checkpoint was saved yet: lower --lr and start again with --overwrite."))
-            lr = scheduler.get_last_lr()[0]
-            engine.step()  # clip, AdamW, next lr
-            step += 1
-            dt, t_last = time.perf_counter() - t_last, time.perf_counter()
-            dropped += int(totals[4].item())
-            record = dict(step=step, epoch=round(epoch + micro_done / len(batches), 4),
-                          loss=loss_value, lr=lr, tokens=int(totals[2].item()), tokens_per_s=round(totals[2].item() / dt, 1),
-                          mfu=round(totals[3].item() / dt / (peak * 1e12 * world), 5), skipped=excluded + dropped)
-            if args.log_sample_ids:
-                gathered = [None] * world
-                dist.all_gather_object(gathered, ids_seen)
-                record["ids"] = [i for ids in gathered for i in ids]
-            ids_seen = []
-            acc.zero_()
-            if rank == 0:
-                metrics.write(json.dumps(record, ensure_ascii=False) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss="-" if loss_value is None else f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                mfu=f"{100 * record['mfu']:.1f}%", refresh=False)
-                bar.update()
-            if micro_done == len(batches):
-                epoch, micro_done = epoch + 1, 0
-            if step % args.save_every == 0 and step < total_steps:
-                save_checkpoint(engine, args.output, step,
-                                dict(step=step, epoch=epoch, micro_done=micro_done, dropped=dropped), run, rank)
-                t_last = time.perf_counter()  # do not count the save as training time
-            if step >= total_steps:
-                break
-    bar.close()
-
-    save_final_model(model, config, args, tokenizer_path, rank)
-    if rank == 0:
-        log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after {step} "
-            f"steps; {dropped} samples dropped while training (an unreadable image, or too long with that epoch's prompt)")
-        metrics.close()
-    dist.barrier()
-    dist.destroy_process_group()
+def stopped(args, state):
+    """Ctrl-C: one line from rank 0 saying where training stopped and how to go on; exit 130."""
+    if rank_zero():
+        kept = latest_checkpoint(args.output)
+        again = " ".join(a for a in sys.argv[1:] if a not in ("--overwrite", "--resume"))
+        print(f"\ntrain.py: stopped at step {state['step']} (epoch {state['epoch']}); "
+              + (f"the last checkpoint is {args.output}/checkpoints/{kept}; continue with: torchrun ... train.py "
+                 f"{again} --resume" if kept else "no checkpoint was saved (--save-every)"), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # at once: the other ranks are stopping too, so no collective (and no teardown) can finish
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before the loop began
+        if rank_zero():
+            print("\ntrain.py: stopped before training began; nothing was written", file=sys.stderr, flush=True)
+        os._exit(130)

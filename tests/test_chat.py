@@ -22,7 +22,8 @@ import chat
 from checkpoint import save_weights
 from data import Tokenizer
 from llama import LlamaArgs
-from model import IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL
+from data import IMAGE_TOKEN_INDEX, expand_images
+from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +73,23 @@ def test_cached_greedy_equals_full_forward_argmax(tokenizer):
     rollout = []
     with torch.no_grad():
         for _ in range(24):  # no cache: the whole sequence again for every token
-            logits, _ = model(torch.tensor([prompt + rollout]), pixels)
+            logits, _ = model(torch.tensor([expand_images(prompt + rollout, model.num_image_tokens)]), pixels)
             rollout.append(int(logits[0, -1].argmax()))
     assert cached == rollout
     assert len(set(rollout)) > 10  # varied text, so the comparison could fail
+
+
+def test_compiled_decode_step_equals_eager_token_for_token(tokenizer):
+    """The compiled step (a CUDA graph on a GPU; inductor's C++ here) decodes the same greedy
+    tokens as eager, for a left-padded batch, and again for a second call that reuses the cache."""
+    model = tiny_model()
+    pixels = torch.cat([chat.load_pixels([CHEST], model), chat.load_pixels([HEAD], model)])
+    prompts = [chat.prompt_ids(question(q), tokenizer, "paper") for q in ("这是什么类型的医学影像？", "Which organ?")]
+    eager = chat.generate_batch(model, prompts, pixels, 20, tokenizer.eos_id)
+    compiled = chat.generate_batch(model, prompts, pixels, 20, tokenizer.eos_id, compile=True)
+    again = chat.generate_batch(model, prompts[:1], pixels[:1], 12, tokenizer.eos_id, compile=True)
+    assert compiled == eager and again == chat.generate_batch(model, prompts[:1], pixels[:1], 12, tokenizer.eos_id)
+    assert len(set(eager[0])) > 5
 
 
 def test_batched_left_padding_equals_one_by_one(tokenizer):

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, TEMPLATES, ChiMedDataset,  # noqa: E402
-                  ImageError, LengthGroupedSampler, Tokenizer, TooManyImages, build_conversation, collate,
+                  IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageError, LengthGroupedSampler, Tokenizer, TooManyImages,
+                  build_conversation, collate, expand_images,
                   concat_images, load_image, pmc_vqa_to_records, preprocess_image, render, wrap_question)
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 
 IMAGES = ROOT / "samples" / "images"
 SYSTEM = TEMPLATES["v1"]["system"]
@@ -176,8 +176,8 @@ def test_one_placeholder_per_sample(demo_tok, tmp_path):
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     ds = ChiMedDataset(data_path=path, image_root=IMAGES, tokenizer=demo_tok, stage=2, style="release")
     assert len(ds) == 3
-    n_images = [(s["input_ids"] == IMAGE_TOKEN_INDEX).sum().item() for s in ds]
-    assert n_images == [1, 1, 0]
+    n_image_tokens = [(s["input_ids"] == IMAGE_TOKEN_INDEX).sum().item() for s in ds]
+    assert n_image_tokens == [576, 576, 0]  # one per feature of the one composite image
     assert [tuple(s["pixel_values"].shape) for s in ds] == [(1, 3, 336, 336)] * 2 + [(0, 3, 336, 336)]
     turns = build_conversation(records[0], 2, "release")
     assert turns[0]["value"] == "看<image>和哪张是CT？"  # the first stays, the others go
@@ -370,7 +370,7 @@ def test_unreadable_image_at_load_time_is_dropped(messy, demo_tok):
     with pytest.warns(UserWarning, match="truncated.png: corrupt or truncated"):
         samples = [ds[k] for k in range(len(ds))]
     assert samples[1] is None and ds.skipped["unreadable_image"] == 1
-    batch = collate(samples, demo_tok.pad_id)
+    batch = collate(samples, demo_tok.pad_id, 336)
     assert batch["n_dropped"] == 1 and batch["ids"] == ["good", "text-only"]
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 336, 336)
 
@@ -386,10 +386,9 @@ def test_truncation_after_image_expansion(tmp_path, tok):
                            style="release", max_length=max_length, num_image_tokens=n_feat)
         sample = ds[0]
         ids, labels = sample["input_ids"], sample["labels"]
-        expanded = len(ids) - 1 + n_feat
-        assert expanded == ds.lengths[0] == min(max_length, len(full) - 1 + n_feat)
-        assert (ids == IMAGE_TOKEN_INDEX).sum() == 1 and (labels != IGNORE_INDEX).any()
-        assert ids.tolist() == full[:len(ids)]
+        assert len(ids) == ds.lengths[0] == min(max_length, len(full) - 1 + n_feat)
+        assert (ids == IMAGE_TOKEN_INDEX).sum() == n_feat and (labels != IGNORE_INDEX).any()
+        assert ids.tolist() == expand_images(full, n_feat)[:len(ids)]
     # an image in a later turn that the cut would split: the sample goes, though turn 1 would fit
     late = {"id": "late", "image": "head_ct.png", "conversations": [
         human("Hello."), gpt("Hello, how can I help?"), human("<image>\nWhat is this?"), gpt("A head CT.")]}
@@ -417,21 +416,29 @@ def test_demo_samples_load_in_every_stage_and_style(demo_tok):
     assert demo_tok.sp.piece_to_id("<0x0A>") != demo_tok.sp.unk_id()
 
 
-def test_collate_pads_right(demo_tok):
+def test_collate_pads_right_and_finds_positions_on_the_cpu(demo_tok):
     ds = ChiMedDataset(data_path=ROOT / "samples" / "stage2.json", image_root=IMAGES, tokenizer=demo_tok,
-                       stage=2, style="release")
+                       stage=2, style="release", num_image_tokens=16)
     samples = [ds[0], ds[len(ds) - 1], ds[13]]
-    batch = collate(samples, pad_id=demo_tok.pad_id)
+    batch = collate(samples, pad_id=demo_tok.pad_id, image_size=336)
     T = max(len(s["input_ids"]) for s in samples)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, T)
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, T)
+    assert batch["lengths"] == [len(s["input_ids"]) for s in samples]
+    flat_ids, flat_labels = batch["input_ids"].flatten(), batch["labels"].flatten()
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         assert torch.equal(batch["input_ids"][b, :n], s["input_ids"])
         assert torch.equal(batch["labels"][b, :n], s["labels"])
         assert (batch["input_ids"][b, n:] == demo_tok.pad_id).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
-        assert batch["attention_mask"][b, :n].all() and not batch["attention_mask"][b, n:].any()
+        # the positions collate hands over: where the features go, and which positions predict a learned token
+        image = batch["image_positions"][(batch["image_positions"] // T) == b] % T
+        assert image.tolist() == [t for t in range(n) if s["input_ids"][t] == IMAGE_TOKEN_INDEX]
+        loss = batch["loss_positions"][(batch["loss_positions"] // T) == b] % T
+        assert loss.tolist() == [t - 1 for t in range(1, n) if s["labels"][t] != IGNORE_INDEX]
+    assert (flat_ids[batch["image_positions"]] == IMAGE_TOKEN_INDEX).all()
+    assert (flat_labels[batch["loss_positions"] + 1] != IGNORE_INDEX).all()
     assert torch.equal(batch["pixel_values"], torch.cat([s["pixel_values"] for s in samples]))
-    assert batch["n_dropped"] == 0 and batch["attention_mask"].dtype == torch.bool
+    assert batch["n_dropped"] == 0
 
 
 # ----------------------------------------------------------------------------- sampler

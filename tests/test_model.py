@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from checkpoint import CheckpointError, read_safetensors
-from data import load_image, preprocess_image
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, collate, expand_images, load_image, preprocess_image
 from llama import LlamaArgs
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QilinConfig, QilinMedVL
+from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ IDS = [1, 5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9, 10]
 def assert_matches(ours, hf, pixels, ids=IDS, image_id=HF_IMAGE_ID, vocab=None):
     with torch.no_grad():
         ref = hf(input_ids=hf_ids(ids, image_id=image_id), pixel_values=pixels).logits
-        logits, _ = ours(torch.tensor([ids]), pixels)
+        logits, _ = ours(torch.tensor([expand_images(ids, 16)]), pixels)
     diff = (logits - ref[..., :vocab]).abs().max().item()
     assert logits.shape[1] == len(ids) - 1 + 16
     return diff
@@ -225,7 +225,7 @@ def test_save_pretrained_round_trip(tmp_path, pixels):
     assert (tmp_path / "m" / "model.safetensors.index.json").exists() and (tmp_path / "m" / "tokenizer.model").exists()
     loaded = QilinMedVL.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config
-    ids = torch.tensor([[1, 3, IMAGE_TOKEN_INDEX, 4, 5]])
+    ids = torch.tensor([expand_images([1, 3, IMAGE_TOKEN_INDEX, 4, 5], 16)])
     with torch.no_grad():
         assert torch.equal(model(ids, pixels)[0], loaded(ids, pixels)[0])
 
@@ -244,7 +244,7 @@ def test_stage1_projector_folder_and_llava_mm_projector_bin(tmp_path, pixels):
     (tmp_path / "llm" / "config.json").write_text(json.dumps(model.config.llm.to_hf_config()))
     model.save_projector(tmp_path / "stage1", tmp_path / "vision", tmp_path / "llm")
     assert sorted(os.listdir(tmp_path / "stage1")) == ["config.json", "projector.safetensors"]
-    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 4, 5]])
+    ids = torch.tensor([expand_images([1, IMAGE_TOKEN_INDEX, 4, 5], 16)])
     with torch.no_grad():
         ref = model(ids, pixels)[0]
         assert torch.equal(QilinMedVL.from_pretrained(tmp_path / "stage1")(ids, pixels)[0], ref)
@@ -256,18 +256,25 @@ def test_stage1_projector_folder_and_llava_mm_projector_bin(tmp_path, pixels):
 
 # ---- forward, loss, gradients ---------------------------------------------------------------
 
+def sample(ids, labels, pixels=None):
+    """A dataset sample as ChiMedDataset gives it: ids and labels with the image expanded."""
+    ids, labels = expand_images(ids, 16, labels)
+    return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), id=0,
+                pixel_values=pixels if pixels is not None else torch.zeros(0, 3, 56, 56))
+
+
 def test_loss_equals_hand_computation(pixels):
-    """Two ragged samples, right-padded: the loss is the mean over every learned next token."""
+    """Two ragged samples, right-padded by collate: the loss is the mean over every learned next
+    token, whether collate's positions are passed or the model finds them."""
     torch.manual_seed(0)
     model = QilinMedVL(demo_config()).eval()
     a_ids, a_lab = [1, 5, IMAGE_TOKEN_INDEX, 7, 8, 9, 2], [IGNORE_INDEX] * 4 + [8, 9, 2]
     b_ids, b_lab = [1, 11, 12, 13, 2], [IGNORE_INDEX] * 3 + [13, 2]
-    pad = len(a_ids) - len(b_ids)
-    ids = torch.tensor([a_ids, b_ids + [0] * pad])
-    labels = torch.tensor([a_lab, b_lab + [IGNORE_INDEX] * pad])
-    mask = torch.tensor([[True] * len(a_ids), [True] * len(b_ids) + [False] * pad])
+    batch = collate([sample(a_ids, a_lab, pixels), sample(b_ids, b_lab)], pad_id=0, image_size=56)
     with torch.no_grad():
-        _, loss = model(ids, pixels, labels, attention_mask=mask)
+        _, loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"], batch["image_positions"],
+                        batch["loss_positions"])
+        _, found = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
         # By hand: embed each sample separately, run the LLM alone, sum -log p(next) over learned tokens.
         image = model.projector(model.vision(pixels))[0]  # (16, 64)
         emb = model.llm.embed_tokens
@@ -281,9 +288,77 @@ def test_loss_equals_hand_computation(pixels):
                 if targets[t] != IGNORE_INDEX:
                     total -= logp[t - 1, targets[t]].item()
                     count += 1
-    assert count == 3 + 2
+    assert count == 3 + 2 == len(batch["loss_positions"])
     print(f"loss {loss.item():.6f} vs by hand {total / count:.6f}")
-    assert abs(loss.item() - total / count) < 1e-5
+    assert abs(loss.item() - total / count) < 1e-5 and abs(found.item() - loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_text_only_batch_keeps_every_module_in_the_graph(stage):
+    """A micro-batch without any image (LLaVA mixes text-only dialogs into stage 2) still runs the
+    vision tower and the adapter, on collate's zero image, and splices none of it: the loss has a
+    gradient path (stage 1 trains the adapter alone) and the adapter's gradient is exactly zero."""
+    torch.manual_seed(0)
+    model = QilinMedVL(demo_config()).train()
+    model.set_trainable(stage)
+    batch = collate([sample([1, 11, 12, 13, 2], [IGNORE_INDEX] * 3 + [13, 2]), None], pad_id=0, image_size=56)
+    assert batch["pixel_values"].shape == (1, 3, 56, 56) and len(batch["image_positions"]) == 0
+    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"], batch["image_positions"],
+                    batch["loss_positions"])
+    loss.backward()
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert all(p.grad is not None and not p.grad.any() for p in model.projector.parameters())
+    assert (stage == 2) == (model.llm.lm_head.weight.grad is not None)
+
+
+def test_every_sample_dropped_gives_a_zero_loss_step():
+    torch.manual_seed(0)
+    model = QilinMedVL(demo_config()).train()
+    model.set_trainable(1)
+    batch = collate([None, None], pad_id=0, image_size=56)
+    assert batch["n_dropped"] == 2 and batch["ids"] == [] and batch["input_ids"].shape == (1, 1)
+    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"], batch["image_positions"],
+                    batch["loss_positions"])
+    loss.backward()
+    assert loss.item() == 0 and all(p.grad is not None for p in model.projector.parameters())
+
+
+SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::masked_select")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_training_step_never_waits_for_the_device(stage, pixels):
+    """Forward and backward with collate's positions run no op whose result size or value the
+    host must read back (on a GPU each such op stalls the CPU until the GPU catches up)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = QilinMedVL(demo_config()).train()
+    model.set_trainable(stage)
+    model.llm.gradient_checkpointing = True
+    samples = [sample([1, 5, IMAGE_TOKEN_INDEX, 7, 8, 9, 2], [IGNORE_INDEX] * 4 + [8, 9, 2], pixels),
+               sample([1, 11, 12, 13, 2], [IGNORE_INDEX] * 3 + [13, 2])]
+    batch = collate(samples, pad_id=0, image_size=56)
+    with Recorder() as rec:
+        _, loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"], batch["image_positions"],
+                        batch["loss_positions"])
+        loss.backward()
+    assert len(rec.ops) > 100 and "aten::index_copy" in rec.ops  # the recorder saw the step
+    waits = [op for op in rec.ops if op in SYNC_OPS]
+    print(f"stage {stage}: {len(rec.ops)} ops in forward+backward, {len(waits)} that wait for the device")
+    assert waits == []
+    with Recorder() as rec:  # the recorder can fail: without positions the model looks them up
+        model(batch["input_ids"], batch["pixel_values"], batch["labels"])
+    assert "aten::nonzero" in rec.ops
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -291,9 +366,8 @@ def test_gradients_reach_exactly_the_trainable_parts(stage, pixels):
     torch.manual_seed(0)
     model = QilinMedVL(demo_config()).train()
     model.set_trainable(stage)
-    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 4, 5, 6, 2]])
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 5, 6, 2]])
-    _, loss = model(ids, pixels, labels)
+    ids, labels = expand_images([1, IMAGE_TOKEN_INDEX, 4, 5, 6, 2], 16, [IGNORE_INDEX] * 3 + [5, 6, 2])
+    _, loss = model(torch.tensor([ids]), pixels, torch.tensor([labels]))
     loss.backward()
     for name, p in model.named_parameters():
         trainable = name.startswith("projector.") or (stage == 2 and name.startswith("llm."))
@@ -303,21 +377,13 @@ def test_gradients_reach_exactly_the_trainable_parts(stage, pixels):
             assert p.grad is None and not p.requires_grad, name
 
 
-def test_placeholder_count_must_match_images(pixels):
+def test_image_token_count_must_match_images(pixels):
     model = QilinMedVL(demo_config()).eval()
-    with pytest.raises(ValueError, match="2 image placeholders in input_ids but 1 images"):
-        model(torch.tensor([[1, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 4]]), pixels)
+    with pytest.raises(ValueError, match="32 image tokens in input_ids but 1 images of 16 features each"):
+        model(torch.tensor([expand_images([1, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 4], 16)]), pixels)
 
 
 def test_vision_folder_refused_where_the_checkpoint_has_its_own(hf_llava, clip_folder, tmp_path):
     _, folder = hf_llava
     with pytest.raises(CheckpointError, match="carries its own vision tower"):
         QilinMedVL.from_pretrained(folder, vision_path=clip_folder)
-
-
-def test_placeholder_in_padding_is_refused(pixels):
-    model = QilinMedVL(demo_config()).eval()
-    ids = torch.tensor([[1, 4, 5, 6], [1, 7, 0, IMAGE_TOKEN_INDEX]])
-    mask = torch.tensor([[True] * 4, [True, True, False, False]])
-    with pytest.raises(ValueError, match="placeholder stands where attention_mask marks padding"):
-        model(ids, pixels, attention_mask=mask)

@@ -172,14 +172,14 @@ def test_kv_cache_rollout_equals_full_forwards(tmp_path):
     prompt = torch.randint(0, 120, (1, 11))
     with torch.no_grad():
         model.setup_cache(batch_size=1, max_seq_len=64)
-        logits = model(prompt, start_pos=0)[:, -1]
+        logits = model(prompt, input_pos=torch.arange(prompt.shape[1]))[:, -1]
         seq, pos, worst = prompt, prompt.shape[1], 0.0
         for _ in range(12):
             full = model(seq)[:, -1]  # no cache, whole sequence
             worst = max(worst, (full - logits).abs().max().item())
             nxt = logits.argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-            logits = model(nxt, start_pos=pos)[:, -1]
+            logits = model(nxt, input_pos=torch.tensor([pos]))[:, -1]
             pos += 1
         model.clear_cache()
     print(f"cached vs full logits over 12 greedy steps: max |diff| {worst:.2e}")
@@ -187,7 +187,7 @@ def test_kv_cache_rollout_equals_full_forwards(tmp_path):
 
 
 def test_kv_cache_chunked_prefill_and_left_padding(tmp_path):
-    """Two prompt chunks (start_pos > 0 with T > 1) and a left-padded batch give the same logits."""
+    """Two prompt chunks (the second at slots 4.. with T > 1) and a left-padded batch give the same logits."""
     torch.manual_seed(0)
     model = Llama(LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                             vocab_size=100, max_seq_len=64)).eval()
@@ -195,15 +195,17 @@ def test_kv_cache_chunked_prefill_and_left_padding(tmp_path):
     with torch.no_grad():
         ref_a, ref_b = model(a)[:, -1], model(b)[:, -1]
         model.setup_cache(1, 32)
-        model(a[:, :4], start_pos=0)
-        chunked = model(a[:, 4:], start_pos=4)[:, -1]
+        model(a[:, :4], input_pos=torch.arange(4))
+        chunked = model(a[:, 4:], input_pos=torch.arange(4, 9))[:, -1]
         # Batch [a, b] with b left-padded by 4: positions count real tokens only.
         batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
         real = torch.ones(2, 9, dtype=torch.bool)
         real[1, :4] = False
         positions = (real.cumsum(1) - 1).clamp(min=0)
         model.setup_cache(2, 32)
-        out = model(batch, start_pos=0, positions=positions, pad_mask=real)[:, -1]
+        pad_mask = torch.ones(2, model.cache_len, dtype=torch.bool)
+        pad_mask[:, :9] = real
+        out = model(batch, input_pos=torch.arange(9), positions=positions, pad_mask=pad_mask)[:, -1]
     assert (chunked - ref_a).abs().max() < TOL
     assert (out[0] - ref_a[0]).abs().max() < TOL and (out[1] - ref_b[0]).abs().max() < TOL
 

@@ -65,7 +65,7 @@ def same(a, b):
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "stage1"
     # ZeRO-2 (the stage-1 default); a checkpoint after step 2, for the tests that resume it
-    launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--output", out)
+    launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--peak-tflops", 0.1, "--output", out)
     return out
 
 
