@@ -121,6 +121,7 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
                  pad_mask=pad_mask, logits_at=torch.arange(B, device=device) * L + L - 1)  # (B, vocab)
     step = compiled(llm) if compile else llm
     start = real.sum(1, keepdim=True)  # (B, 1): each row's RoPE position for its first new token
+    slots = torch.arange(L, L + max_new_tokens, device=device)  # the cache slot of each new token
     token = sample(logits, temperature, top_p, rng)  # (B,)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
@@ -131,8 +132,7 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
         # one token per row into cache slot L + i; it sees the real slots up to L + i
-        logits = step(token[:, None], input_pos=torch.tensor([L + i], device=device), positions=start + i,
-                      pad_mask=pad_mask)  # (B, 1, vocab)
+        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)  # (B, 1, vocab)
         token = sample(logits[:, -1], temperature, top_p, rng)
 
 

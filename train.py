@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config, save_weights
 from data import SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
+import llama
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL, write_config
 from vit import VisionArgs
@@ -122,8 +123,8 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in the backward pass instead of storing its activations (default on)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each LLM block: fuses the work between the matmuls (RMSNorm in float32, RoPE, "
-                        "SwiGLU, casts); costs a minute of compiling at the start")
+                   help="torch.compile the work between the LLM's matmuls (RMSNorm in float32, RoPE, SwiGLU) into fused "
+                        "kernels; costs a minute of compiling at the start")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE",
@@ -367,9 +368,7 @@ def start_deepspeed(model, args, world, device, total_steps):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # its notes: once
     model.set_trainable(args.stage)
     model.llm.gradient_checkpointing = args.gradient_checkpointing
-    if args.compile:  # each block compiled on its own: ZeRO-3's hooks on its weights stay outside the graphs
-        for layer in model.llm.layers:
-            layer.compile()
+    llama.fuse_pointwise(args.compile)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
