@@ -77,6 +77,23 @@ def report(name, seconds, tokens, flops_per_token, peak, device, part="a"):
         torch.cuda.reset_peak_memory_stats()
 
 
+def hf_llama(llm, dtype, device):
+    """transformers' LlamaForCausalLM of the same shape holding the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    a = llm.args
+    config = LlamaConfig(hidden_size=a.dim, intermediate_size=a.intermediate_size, num_hidden_layers=a.n_layers,
+                         num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
+                         rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    state = {(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in llm.state_dict().items()}
+    hf.load_state_dict(state, strict=False, assign=True)  # the rotary buffers are not weights
+    with torch.device(device):  # its inv_freq buffer is computed, not loaded: rebuild it off the meta device
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config)
+    return hf.to(device=device, dtype=dtype)
+
+
 def stage2(args, dtype, device, peak):
     print(f"\n-- stage 2: the LLM trains. {args.layers} layers of width {args.dim}, batch {args.batch} x seq {args.seq}")
     torch.manual_seed(0)
@@ -303,6 +320,14 @@ def part_c(args, device):
             stamps.append(time.perf_counter())
         return tokens, stamps[0] - t0, (n_new - 1) / (stamps[-1] - stamps[0])
 
+    if args.profile:  # where an eager decode step spends its time (host and device)
+        from torch.profiler import ProfilerActivity, profile
+        ours(False)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            ours(False)
+        for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device.type == "cuda" else ()):
+            print(prof.key_averages().table(sort_by=key, row_limit=14), flush=True)
     results = {}
     for name, compile in (("chat.generate eager", False), ("chat.generate compiled (CUDA graph)", True)):
         try:
@@ -321,9 +346,11 @@ def part_c(args, device):
     except Exception:
         print(f"transformers generate FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
     names = list(results)
-    same = all(results[k] == results[names[0]] for k in names)
-    print(f"greedy tokens identical across {', '.join(names)}: {same}")
-    SUMMARY.append(("c", "greedy tokens identical", str(same)))
+    for name in names[1:]:  # random bf16 weights give near-ties, where kernels may pick differently
+        a, b = results[names[0]], results[name]
+        agree = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(f"greedy tokens, {names[0]} vs {name}: the first {agree} of {len(a)} agree")
+        SUMMARY.append(("c", f"tokens agreeing with eager: {name}", f"{agree} of {len(a)}"))
 
 
 def hf_generate(model, ids, pixels, n_new, limit, dtype, device):
@@ -379,6 +406,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=96, help="(c)'s answer length")
     p.add_argument("--only", default="abc", help="which parts to run, e.g. 'bc'")
+    p.add_argument("--profile", action="store_true", help="(c): print a profile of the eager decode steps")
     p.add_argument("--peak-tflops", type=float, help="peak of this GPU (default: looked up from its name)")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape in fp32 on the CPU: checks the script runs")
     args = p.parse_args()
