@@ -329,7 +329,8 @@ def part_c(args, device):
         for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device.type == "cuda" else ()):
             print(prof.key_averages().table(sort_by=key, row_limit=14), flush=True)
     results = {}
-    for name, compile in (("chat.generate eager", False), ("chat.generate compiled (CUDA graph)", True)):
+    runs = (("chat.generate eager", False), ("chat.generate compiled (CUDA graph)", True))
+    for name, compile in runs[1:] if args.compiled_only else runs:
         try:
             ours(compile)  # warm-up (and the compile)
             tokens, prefill, rate = ours(compile)
@@ -340,7 +341,8 @@ def part_c(args, device):
         except Exception:
             print(f"{name} FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
     try:
-        results["transformers static"] = hf_generate(model, ids, pixels, n_new, limit, dtype, device)
+        if not args.compiled_only:
+            results["transformers static"] = hf_generate(model, ids, pixels, n_new, limit, dtype, device)
     except ImportError:
         print("transformers is not installed: no comparison")
     except Exception:
@@ -407,6 +409,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=96, help="(c)'s answer length")
     p.add_argument("--only", default="abc", help="which parts to run, e.g. 'bc'")
     p.add_argument("--profile", action="store_true", help="(c): print a profile of the eager decode steps")
+    p.add_argument("--compiled-only", action="store_true", help="(c): only chat.generate's compiled path")
     p.add_argument("--peak-tflops", type=float, help="peak of this GPU (default: looked up from its name)")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape in fp32 on the CPU: checks the script runs")
     args = p.parse_args()
