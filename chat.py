@@ -92,7 +92,6 @@ def compiled(llm):
     mode="reduce-overhead" captures its ~1,000 kernel launches as one CUDA graph and replays it:
     at batch 1 the launches, not the GPU, are what limit an eager step. Compiled once per model
     (and again for a cache of another size); on the CPU the matmuls dominate and it pays little."""
-    torch._inductor.config.coordinate_descent_tuning = True  # tunes the matrix-vector kernels of a 1-token step
     return torch.compile(llm, mode="reduce-overhead", fullgraph=True)
 
 
