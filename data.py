@@ -189,43 +189,51 @@ def wrap_question(question, prompt_index=0, with_image=True):
     prompt = INSTRUCTION_PROMPTS[prompt_index]
     if not with_image:
         prompt = _strip_image(prompt)
-    return prompt.replace("<question>", _strip_image(question))
+    return prompt.replace("<question>", _strip_image(question)).strip()  # strip: for an empty question
 
 
-def _one_placeholder(turns, has_image):
-    """Exactly one <image> for a sample with images (they become one composite), none without."""
-    placed = False
+def _release_turns(turns, has_image):
+    """The turns as LLaVA's preprocess_multimodal leaves them for the released model's training.
+
+    A turn holding <image> loses every tag and the whitespace around the rest, then gets one tag
+    back in front: "Is <image> normal?" -> "<image>\nIs  normal?" (the double space stays). Other
+    turns stay verbatim, whitespace and all. A sample's images are one composite (paper 3.3), so
+    where LLaVA would see several tags or none we keep exactly one: only the first human turn
+    holding a tag keeps it (LLaVA tags every such turn), and a sample with images but no tag gets
+    it before its first question (LLaVA would train without the image). A text-only record loses
+    any stray tag (LLaVA would read the letters "<image>").
+    """
+    tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
+    keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
     out = []
-    for turn in turns:
+    for k, turn in enumerate(turns):
         value = turn["value"]
-        if has_image and not placed and turn["from"] == "human" and IMAGE in value:
-            head, _, tail = value.partition(IMAGE)  # keep the first where it stood
-            value, placed = head + IMAGE + tail.replace(IMAGE + "\n", "").replace(IMAGE, ""), True
+        if k == keep:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
+            value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
         elif IMAGE in value:
-            value = _strip_image(value)
-        out.append({"from": turn["from"], "value": value.strip()})
-    if has_image and not placed:
-        out[0]["value"] = IMAGE + "\n" + out[0]["value"]  # LLaVA's default place
+            value = value.replace(IMAGE, "").strip()
+        out.append({"from": turn["from"], "value": value})
     return out
 
 
 def build_conversation(record, stage, style="paper", rng=None):
     """A record's turns as the given stage and style present them (rng picks paper prompts)."""
     has_image = bool(image_files(record))
-    turns = _one_placeholder(record["conversations"], has_image)
-    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
-    if stage == 1:  # feature alignment: the caption is the answer
-        caption = next(t["value"] for t in turns if t["from"] == "gpt")
-        if style == "release":  # `plain`: the image alone, then the caption
-            human = IMAGE if has_image else ""
-        else:
-            human = ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
-            human = human if has_image else _strip_image(human)
-        return [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]
-    if style == "release":
+    if style == "release":  # the text LLaVA's code trained the released weights on
+        turns = _release_turns(record["conversations"], has_image)
+        if stage == 1:  # LLaVA's preprocess_plain: the image alone, then the caption as it stands
+            caption = next(t for t in turns if t["from"] == "gpt")
+            return [{"from": "human", "value": IMAGE if has_image else ""}, caption]
         return turns
+    # paper: the prompts of appendix A.1 place the image, so the record's own tags go
+    turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
+    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
+    if stage == 1:  # feature alignment: an alignment prompt, then the caption
+        human = ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
+        caption = next(t for t in turns if t["from"] == "gpt")
+        return [{"from": "human", "value": human if has_image else _strip_image(human)}, caption]
     out = []
-    for turn in turns:  # paper: every question wrapped; only the first carries the image
+    for turn in turns:  # instruction tuning: every question wrapped; only the first carries the image
         if turn["from"] == "human":
             with_image = has_image and not out
             turn = {"from": "human", "value": wrap_question(turn["value"], pick(len(INSTRUCTION_PROMPTS)), with_image)}
@@ -234,7 +242,8 @@ def build_conversation(record, stage, style="paper", rng=None):
 
 
 def _encode_with_images(text, tokenizer):
-    """Text with <image> placeholders -> ids; each chunk between placeholders is encoded on its own."""
+    """Text with <image> placeholders -> ids; each chunk between placeholders is encoded on its own,
+    as LLaVA's tokenizer_image_token does (with a fresh dummy prefix ▁ for each chunk)."""
     ids = []
     for k, chunk in enumerate(text.split(IMAGE)):
         if k:
@@ -247,10 +256,13 @@ def _encode_with_images(text, tokenizer):
 def render(conversation, tokenizer, template="v1"):
     """Turns -> (input_ids, labels); only assistant answers (and their EOS) are learned.
 
-    Each turn is one segment, encoded on its own and given its own mask, so labels can never drift
-    from the tokens. Segments meet at a space or after EOS, where SentencePiece starts a new word
-    anyway, so the ids equal LLaVA's encoding of the whole prompt. A conversation ending with a
-    human turn renders the generation prompt, up to and including "ASSISTANT:".
+    Values are rendered as given. Each turn is one segment, encoded on its own and given its own
+    mask, so labels can never drift from the tokens. The ids still equal LLaVA's encoding of the
+    whole prompt: segments meet only after an EOS, where LLaMA's legacy tokenizer (transformers
+    4.31, as LLaVA pins it) also starts afresh with a new ▁, or at the space before an answer,
+    which SentencePiece never merges across and which our answer's dummy ▁ stands for. A
+    conversation ending with a human turn renders the generation prompt, up to and including
+    "ASSISTANT:".
     """
     tpl = TEMPLATES[template]
     if not conversation:
@@ -260,18 +272,15 @@ def render(conversation, tokenizer, template="v1"):
         role = "human" if k % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != role or not isinstance(turn.get("value"), str):
             raise ValueError(f"turn {k} should be a {role} turn with a string value, got {turn!r:.80}")
-        value = turn["value"].strip()
         if role == "human":
             layout = tpl["first_user"] if k == 0 else tpl["user"]
-            segment = _encode_with_images(layout.format(system=tpl["system"], message=value), tokenizer)
-            ids += segment
-            labels += [IGNORE_INDEX] * len(segment)
+            segment = _encode_with_images(layout.format(system=tpl["system"], message=turn["value"]), tokenizer)
+        elif IMAGE in turn["value"]:
+            raise ValueError(f"turn {k}: an answer cannot hold an {IMAGE} placeholder")
         else:
-            if IMAGE in value:
-                raise ValueError(f"turn {k}: an answer cannot hold an {IMAGE} placeholder")
-            segment = tokenizer.encode(tpl["assistant"].format(message=value), eos=tpl["eos_after_answer"])
-            ids += segment
-            labels += segment
+            segment = tokenizer.encode(tpl["assistant"].format(message=turn["value"]), eos=tpl["eos_after_answer"])
+        ids += segment
+        labels += segment if role == "gpt" else [IGNORE_INDEX] * len(segment)
     return ids, labels
 
 

@@ -1,11 +1,13 @@
 """Tests for data.py on real images and a real LLaMA-style tokenizer (CPU, a few seconds)."""
 
 import json
+import re
 import struct
 import sys
 import zlib
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,9 +17,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, TEMPLATES, ChiMedDataset,  # noqa: E402
-                  IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageError, LengthGroupedSampler, Tokenizer, TooManyImages,
-                  build_conversation, collate, expand_images,
+from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, STAGE_TEMPLATE, TEMPLATES,  # noqa: E402
+                  ChiMedDataset, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageError, LengthGroupedSampler, Tokenizer,
+                  TooManyImages, build_conversation, collate, expand_images,
                   concat_images, load_image, pmc_vqa_to_records, preprocess_image, render, wrap_question)
 
 IMAGES = ROOT / "samples" / "images"
@@ -55,24 +57,116 @@ def learned_runs(ids, labels):
     return runs + [run] if run else runs
 
 
-def llava_reference(prompt, tok):
-    """What LLaVA's tokenizer_image_token gives with a legacy LLaMA tokenizer: the prompt string is
-    split at <image> and at the special token "</s>", and each piece is encoded on its own."""
-    ids = [tok.bos_id]
-    for k, part in enumerate(prompt.split("<image>")):
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-        for j, piece in enumerate(part.split("</s>")):
-            if j:
-                ids.append(tok.eos_id)
-            if piece:
-                ids += tok.sp.encode(piece)
+# ----------------------------------------------------------------------------- LLaVA's rendering, as a reference
+# Written from reading LLaVA (haotian-liu/LLaVA: llava/train/train.py, llava/mm_utils.py,
+# llava/conversation.py), which trained the released weights, and transformers 4.31's
+# tokenization_llama.py and tokenization_utils.py, the tokenizer LLaVA pinned. It works on whole
+# prompt strings and masks labels by LLaVA's round arithmetic; data.render works turn by turn.
+
+class LegacyLlamaTokenizer:
+    """`tokenizer(text).input_ids` in LLaVA's training: transformers 4.31's slow LlamaTokenizer
+    (use_fast=False) with legacy=True. The text is cut at the special tokens, which are kept whole
+    with no space stripped beside them (LlamaTokenizer makes them AddedTokens with lstrip and rstrip
+    off); each stretch between them goes through SentencePiece on its own, so each gets the dummy
+    prefix ▁; BOS goes in front (add_bos_token=True, add_eos_token=False)."""
+
+    def __init__(self, sp):
+        self.sp, self.bos_token_id = sp, sp.bos_id()
+        self.special = {sp.id_to_piece(i): i for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())}  # <unk> <s> </s>
+        self.pattern = "(" + "|".join(map(re.escape, self.special)) + ")"
+
+    def __call__(self, text):
+        ids = [self.bos_token_id]
+        for stretch in re.split(self.pattern, text):
+            ids += [self.special[stretch]] if stretch in self.special else self.sp.encode(stretch)
+        return SimpleNamespace(input_ids=ids)
+
+
+def llava_tokenizer_image_token(prompt, tokenizer):
+    """mm_utils.tokenizer_image_token: each chunk between <image> tags through the tokenizer, the
+    BOS that starts every chunk but the first dropped, IMAGE_TOKEN_INDEX between chunks."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids = chunks[0]
+    for chunk in chunks[1:]:
+        ids = ids + [IMAGE_TOKEN_INDEX] + chunk[1:]
     return ids
+
+
+def llava_preprocess_multimodal(turns):
+    """train.preprocess_multimodal: every turn holding the tag gets it, once, at its front."""
+    out = []
+    for turn in turns:
+        value = turn["value"]
+        if "<image>" in value:
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        out.append({"from": turn["from"], "value": value})
+    return out
+
+
+def llava_v1_prompt(turns):
+    """conv_vicuna_v1.get_prompt (SeparatorStyle.TWO, sep " ", sep2 "</s>")."""
+    prompt = SYSTEM + " "
+    for k, turn in enumerate(turns):
+        role, sep = ("USER", " ") if k % 2 == 0 else ("ASSISTANT", "</s>")
+        prompt += f"{role}: {turn['value']}{sep}" if turn["value"] else f"{role}:"
+    return prompt
+
+
+def llava_v1(turns, tokenizer, has_image):
+    """train.preprocess_v1: the whole prompt tokenized at once, labels masked by round arithmetic."""
+    if turns[0]["from"] != "human":
+        turns = turns[1:]
+    prompt = llava_v1_prompt(turns)
+    if has_image:
+        encode = lambda text: llava_tokenizer_image_token(text, tokenizer)  # noqa: E731
+    else:
+        encode = lambda text: tokenizer(text).input_ids  # noqa: E731
+    ids = encode(prompt)
+    learned = [False] + [True] * (len(ids) - 1)  # BOS is not learned
+    sep, cur = " ASSISTANT: ", 1
+    for rnd in prompt.split("</s>"):
+        if rnd == "":
+            break
+        parts = rnd.split(sep)
+        if len(parts) != 2:
+            break
+        round_len = len(encode(rnd))  # its own BOS stands for the "</s>" the split removed
+        instruction_len = len(encode(parts[0] + sep)) - 2  # less BOS and the ▁ of the trailing space
+        # (with legacy=True there is no "- 1 after the first round": that is for legacy=False)
+        for i in range(cur, min(cur + instruction_len, len(ids))):
+            learned[i] = False
+        cur += round_len
+    learned[cur:] = [False] * len(learned[cur:])
+    if cur != len(ids):  # "tokenization mismatch": LLaVA learns nothing from the sample (checked below its max length)
+        learned = [False] * len(ids)
+    return ids, [i if keep else IGNORE_INDEX for i, keep in zip(ids, learned)]
+
+
+def llava_plain(turns, tokenizer):
+    """train.preprocess_plain: the tag, the caption and a newline; BOS and the tag masked."""
+    assert len(turns) == 2 and "<image>" in turns[0]["value"]
+    ids = llava_tokenizer_image_token("<image>" + turns[1]["value"] + "\n", tokenizer)
+    n = len(llava_tokenizer_image_token("<image>", tokenizer))
+    return ids, [IGNORE_INDEX] * n + ids[n:]
+
+
+def llava_sample(record, stage, tokenizer):
+    """LazySupervisedDataset.__getitem__'s text path: stage 1 `plain`, stage 2 `v1` (as released)."""
+    has_image = "image" in record
+    turns = record["conversations"]
+    if has_image:
+        turns = llava_preprocess_multimodal(turns)
+    return llava_plain(turns, tokenizer) if stage == 1 else llava_v1(turns, tokenizer, has_image)
+
+
+@pytest.fixture(scope="module")
+def llava_tok(tok):
+    return LegacyLlamaTokenizer(tok.sp)
 
 
 # ----------------------------------------------------------------------------- rendering
 
-def test_v1_single_turn_learns_only_the_answer(tok):
+def test_v1_single_turn_learns_only_the_answer(tok, llava_tok):
     conv = [human("<image>\nWhat is shown?"), gpt("A frontal chest X-ray.")]
     ids, labels = render(conv, tok, "v1")
     assert len(ids) == len(labels)
@@ -83,10 +177,11 @@ def test_v1_single_turn_learns_only_the_answer(tok):
     runs = learned_runs(ids, labels)
     assert len(runs) == 1 and runs[0][-1] == tok.eos_id
     assert tok.decode(runs[0][:-1]) == "A frontal chest X-ray."
-    assert ids == llava_reference(f"{SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A frontal chest X-ray.</s>", tok)
+    prompt = f"{SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A frontal chest X-ray.</s>"
+    assert ids == llava_tokenizer_image_token(prompt, llava_tok)
 
 
-def test_v1_multi_turn_chinese(tok):
+def test_v1_multi_turn_chinese(tok, llava_tok):
     answers = ["胸部X光片。", "否。", "The heart looks normal."]
     conv = [human("<image>\n这是什么类型的医学影像？"), gpt(answers[0]),
             human("这是超声图像吗？"), gpt(answers[1]), human("Heart?"), gpt(answers[2])]
@@ -97,7 +192,7 @@ def test_v1_multi_turn_chinese(tok):
     assert ids.count(IMAGE_TOKEN_INDEX) == 1 and ids.count(tok.bos_id) == 1
     prompt = (f"{SYSTEM} USER: <image>\n这是什么类型的医学影像？ ASSISTANT: {answers[0]}</s>"
               f"USER: 这是超声图像吗？ ASSISTANT: {answers[1]}</s>USER: Heart? ASSISTANT: {answers[2]}</s>")
-    assert ids == llava_reference(prompt, tok)
+    assert ids == llava_tokenizer_image_token(prompt, llava_tok)
 
 
 def test_plain_learns_caption_and_newline(tok):
@@ -180,8 +275,66 @@ def test_one_placeholder_per_sample(demo_tok, tmp_path):
     assert n_image_tokens == [576, 576, 0]  # one per feature of the one composite image
     assert [tuple(s["pixel_values"].shape) for s in ds] == [(1, 3, 336, 336)] * 2 + [(0, 3, 336, 336)]
     turns = build_conversation(records[0], 2, "release")
-    assert turns[0]["value"] == "看<image>和哪张是CT？"  # the first stays, the others go
+    assert turns[0]["value"] == "<image>\n看和\n哪张是CT？"  # one tag, at the front, as LLaVA puts it
     assert build_conversation(records[1], 2, "release")[0]["value"] == "<image>\n哪个部位？"
+
+
+# Records as they come in LLaVA / ChiMed-VL files: the tag anywhere in its turn, whitespace kept.
+LLAVA_RECORDS = {
+    "tag-first": {"image": "a.png", "conversations": [human("<image>\n这是什么类型的医学影像？"),
+                                                      gpt("胸部X光片。")]},
+    "tag-last": {"image": "a.png", "conversations": [human("What is shown in this image?\n<image>"),
+                                                     gpt("A frontal chest X-ray.")]},
+    "tag-mid-sentence": {"image": "a.png", "conversations": [human("Is the lesion in <image> benign?"),
+                                                             gpt("Yes, it looks benign.")]},
+    "tag-after-chinese-text": {"image": "a.png", "conversations": [human("请描述这张图像：<image>"),
+                                                                   gpt("腹部CT，肝脏形态正常。")]},
+    "spaces-and-newlines": {"image": "a.png", "conversations": [
+        human("  \n<image>  \n  图中显示的是哪个部位？ \n"), gpt(" 头部。\n")]},
+    "tag-alone": {"image": "a.png", "conversations": [human(" <image>\n"),
+                                                      gpt("一张头部CT平扫图像，可见脑室对称。")]},
+    "two-images-two-tags": {"image": ["a.png", "b.png"], "conversations": [
+        human("看<image>和<image>\n哪张是CT？"), gpt("第二张。")]},
+    "two-rounds": {"image": "a.png", "conversations": [human("这是CT图像吗？ <image>"), gpt("是。"),
+                                                       human(" 哪个部位？ "), gpt("头部。 ")]},
+    "three-rounds-tag-in-second": {"image": "a.png", "conversations": [
+        human("Hello."), gpt("Hello, how can I help?"), human("What is this?\n<image>"), gpt("A head CT."),
+        human("Any bleeding?"), gpt("No bleeding is visible.")]},
+    "three-rounds-chinese": {"image": "a.png", "conversations": [
+        human("<image>\n这是什么类型的医学影像？"), gpt("超声心动图。"),
+        human("这是彩色多普勒吗？"), gpt("否。"),
+        human("能看到几个心腔？"), gpt("四个心腔。")]},
+    "text-only": {"conversations": [human("什么是CT？"), gpt("计算机断层扫描。"),
+                                    human("What does MRI stand for?"), gpt("Magnetic resonance imaging.")]},
+}
+# LLaVA's stage 1 (`plain`) takes only records of one image, one question, one caption
+PLAIN_RECORDS = [name for name, r in LLAVA_RECORDS.items() if "image" in r and len(r["conversations"]) == 2]
+
+
+@pytest.mark.parametrize("name,stage", [(name, 2) for name in LLAVA_RECORDS] + [(name, 1) for name in PLAIN_RECORDS])
+def test_release_rendering_is_llava_token_for_token(tok, llava_tok, name, stage):
+    record = LLAVA_RECORDS[name]
+    ids, labels = render(build_conversation(record, stage, "release"), tok, STAGE_TEMPLATE[(stage, "release")])
+    llava_ids, llava_labels = llava_sample(record, stage, llava_tok)
+    assert ids == llava_ids
+    assert labels == llava_labels
+    assert ids.count(IMAGE_TOKEN_INDEX) == ("image" in record)
+    assert any(label != IGNORE_INDEX for label in llava_labels)  # LLaVA's arithmetic did not give up
+
+
+def test_llava_reference_tells_tag_placements_apart(tok, llava_tok):
+    # Keeping the tag where the record had it (what release style did before) is not what LLaVA trained on.
+    record = LLAVA_RECORDS["tag-last"]
+    llava_ids, _ = llava_sample(record, 2, llava_tok)
+    in_place, _ = render(record["conversations"], tok, "v1")
+    assert in_place != llava_ids and in_place.count(IMAGE_TOKEN_INDEX) == 1
+    assert llava_ids.index(IMAGE_TOKEN_INDEX) < in_place.index(IMAGE_TOKEN_INDEX)
+    # The legacy tokenizer encodes the text after "</s>" afresh, with the dummy prefix ▁: what lets
+    # render encode turn by turn. One SentencePiece call over the same text would not give EOS at all.
+    ids = llava_tok("a</s>USER: b").input_ids
+    assert ids == [tok.bos_id] + tok.sp.encode("a") + [tok.eos_id] + tok.sp.encode("USER: b")
+    assert tok.sp.id_to_piece(ids[ids.index(tok.eos_id) + 1]).startswith("▁")
+    assert tok.eos_id not in tok.sp.encode("a</s>USER: b")
 
 
 # ----------------------------------------------------------------------------- images
