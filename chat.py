@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
-from data import (STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages, build_conversation, expand_images,
-                  image_files, image_input, pmc_vqa_to_records, read_records, render)
+from checkpoint import CheckpointError, read_config
+from data import (MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages,
+                  build_conversation, expand_images, image_files, image_input, pmc_vqa_to_records, read_records,
+                  render)
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
@@ -43,6 +44,9 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
     if not os.path.isdir(folder):
         hint = " (train the demo model first: torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2)"
         raise CheckpointError(f"{folder}: no such model folder" + (hint if folder == DEMO_MODEL else ""))
+    if read_config(folder).get("model_type") == "qilin_med_vl_projector":  # it loads, but can only caption
+        raise CheckpointError(f"{folder}: a stage-1 output (the adapter, trained only to caption images); chat needs "
+                              f"a stage-2 model. Stage 1's output is for train.py --stage 2 --stage1-output {folder}")
     tokenizer_path = os.path.join(folder, "tokenizer.model")
     if not os.path.isfile(tokenizer_path):
         raise CheckpointError(f"{folder}: no tokenizer.model (copy the LLM's SentencePiece tokenizer.model "
@@ -55,9 +59,9 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
     return model, tokenizer
 
 
-def load_pixels(paths, model):
+def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS):
     """1..4 image files -> one composite, fitted as the model was trained: (1, 3, S, S)."""
-    return image_input(paths, model.config.vision.image_size, model.config.image_fit)[None]
+    return image_input(paths, model.config.vision.image_size, model.config.image_fit, max_pixels)[None]
 
 
 def prompt_ids(turns, tokenizer, style, has_image=True):
@@ -169,8 +173,8 @@ def room(model, prompt, max_new_tokens):
     return max(0, min(max_new_tokens, model.config.llm.max_seq_len - length)), length
 
 
-def answer(model, tokenizer, turns, pixels, args, rng, out=sys.stdout):
-    """Render the dialog, stream the answer to `out`, return its text (None: it did not fit)."""
+def answer(model, tokenizer, turns, pixels, args, rng):
+    """Render the dialog, stream the answer to stdout, return its text (None: it did not fit)."""
     prompt = prompt_ids(turns, tokenizer, model.config.style, pixels is not None)
     budget, length = room(model, prompt, args.max_new_tokens or 512)
     if budget == 0:
@@ -184,8 +188,8 @@ def answer(model, tokenizer, turns, pixels, args, rng, out=sys.stdout):
                           args.compile):
         if token.item() == tokenizer.eos_id:
             break
-        print(stream.push(token.item()), end="", file=out, flush=True)
-    print(file=out, flush=True)
+        print(stream.push(token.item()), end="", flush=True)
+    print(flush=True)
     return stream.text
 
 
@@ -220,7 +224,7 @@ def chat(model, tokenizer, pixels, args, rng):
                 paths = shlex.split(rest)
                 if not paths:
                     raise ValueError("/image needs one to four image paths")
-                pixels, turns = load_pixels(paths, model), []
+                pixels, turns = load_pixels(paths, model, args.max_image_pixels), []
                 print(f"(new dialog about {' and '.join(paths)})")
             except ValueError as e:  # ImageError, TooManyImages, bad quoting: the old image stays
                 print(f"error: {e}", file=sys.stderr)
@@ -326,11 +330,13 @@ def evaluate(model, tokenizer, args, rng):
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     with open(args.out, "w", encoding="utf-8") as out:
-        for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr):
+        # the progress bar only in a terminal (disable=None), so that a log holds the results and errors alone
+        for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr, disable=None):
             try:
                 turns, items = record["conversations"], []
                 files = image_files(record)
-                pixels = load_pixels([os.path.join(image_root, f) for f in files], model) if files else None
+                paths = [os.path.join(image_root, f) for f in files]
+                pixels = load_pixels(paths, model, args.max_image_pixels) if files else None
                 for k in range(1, len(turns), 2):  # each answer, after the reference dialog before it
                     prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
                     if room(model, prompt, 1)[0] == 0:
@@ -350,6 +356,15 @@ def evaluate(model, tokenizer, args, rng):
                 pending = pending[args.batch_size:]
         if pending:
             run(pending, out)
+    if not results:  # rather than a table of dashes: why, and what to change
+        reason = skipped.most_common(1)[0][0] if skipped else None
+        hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
+                "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
+                "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
+                "answers_over_context": "the questions with the image's features are longer than the model's context",
+                }.get(reason, "no record has a gpt turn to answer")
+        counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
+        raise ValueError(f"{args.eval}: no answers from {len(records)} records (skipped: {counts}); {hint}")
     return metrics(results, len(records), skipped)
 
 
@@ -384,6 +399,9 @@ def main(argv=None):
     p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
     p.add_argument("--demo", action="store_true", help=f"use the demo model, --model {DEMO_MODEL}")
     p.add_argument("--question", help="answer this one question, print only the answer, and exit")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help="refuse images larger than this, judged by their header (default 2**30, about a gigapixel: "
+                        "whole-slide tiles and large scans pass, decompression bombs do not)")
     p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
     p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
     p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
@@ -405,6 +423,10 @@ def main(argv=None):
         p.error("give --model DIR (or --demo)")
     if not args.eval and not args.images:
         p.error("give an image (or --eval FILE)")
+    if args.question is not None and not args.question.strip():
+        p.error("--question is empty")
+    if args.max_image_pixels < 1:
+        p.error(f"--max-image-pixels must be at least 1, not {args.max_image_pixels}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if args.batch_size < 1:
@@ -414,7 +436,7 @@ def main(argv=None):
     if args.temperature is not None and not args.temperature >= 0:
         p.error(f"--temperature must be 0 (greedy) or above, not {args.temperature}")
     if args.temperature is None:
-        args.temperature = 0.0 if (args.eval or args.question) else 0.2
+        args.temperature = 0.0 if (args.eval or args.question is not None) else 0.2
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
@@ -435,8 +457,8 @@ def main(argv=None):
             Path(metrics_path).write_text(json.dumps(m, indent=2), encoding="utf-8")
             print(f"wrote {args.out} and {metrics_path}")
             return 0
-        pixels = load_pixels(args.images, model)
-        if args.question:
+        pixels = load_pixels(args.images, model, args.max_image_pixels)
+        if args.question is not None:
             turns = [{"from": "human", "value": args.question}]
             return 0 if answer(model, tokenizer, turns, pixels, args, rng) is not None else 1
         chat(model, tokenizer, pixels, args, rng)

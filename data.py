@@ -33,11 +33,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold (about 9459 x 9459); larger is refused
+# The largest image load_image reads, judged by its header before decoding anything. Whole-slide
+# pathology tiles and large scans run to 10,000-30,000 pixels a side; a header claiming more is
+# refused as a likely decompression bomb (a small file that would fill the memory). A JPEG is
+# decoded at down to 1/8 scale, other formats whole before they are reduced: up to 4 bytes a pixel,
+# so an image at this limit can take 4 GiB for a moment. --max-image-pixels changes it.
+MAX_IMAGE_PIXELS = 2**30  # 32768 x 32768, about 1.07 gigapixels
 MAX_IMAGES = 4  # paper 3.3: samples with more images are excluded
 IMAGE = "<image>"  # the placeholder in text
 IMAGE_TOKEN_INDEX = -200  # LLaVA's id for it in input_ids (no vocabulary row): one per image, then one per feature
 IGNORE_INDEX = -100  # the label of a position that is not learned (cross_entropy's default ignore_index)
+
+# Pillow refuses images over 179 megapixels (and warns over 89) as possible decompression bombs.
+# load_image applies its own, larger limit (max_pixels) to the header instead, so it is the only one.
+Image.MAX_IMAGE_PIXELS = None
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 ALIGNMENT_PROMPTS = json.loads((PROMPT_DIR / "alignment.json").read_text(encoding="utf-8"))  # 22
@@ -57,30 +66,45 @@ class TooManyImages(ValueError):
     """More images for one text than the composite takes (paper 3.3: the sample is excluded)."""
 
 
-def load_image(path, max_pixels=MAX_IMAGE_PIXELS):
-    """Read any image file Pillow knows as an upright 8-bit RGB image, or raise ImageError."""
+def load_image(path, max_pixels=MAX_IMAGE_PIXELS, min_side=None):
+    """Read any image file Pillow knows as an upright 8-bit RGB image, or raise ImageError.
+
+    min_side: a large image is read smaller, by the largest whole factor that leaves its shorter
+    side at least min_side pixels (image_input asks for a few times the model's input side, all
+    the fit to that side can use); None keeps every pixel."""
     path = str(path)
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a directory, not an image file")
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such image file")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its limit; we refuse both the same way
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:  # reads the header only
-                if opened.width * opened.height > max_pixels:
-                    raise ImageError(f"{path}: {opened.width}x{opened.height} pixels is over the limit of "
-                                     f"{max_pixels} (a decompression bomb?)")
-                opened.load()  # decodes now, so a truncated file fails here and not later
-                image = ImageOps.exif_transpose(opened)  # phone and scanner photos store rotation in EXIF
-            return _to_rgb(image)
+        with Image.open(path) as image:  # reads the header only
+            if image.width * image.height > max_pixels:
+                raise ImageError(f"{path}: {image.width}x{image.height} pixels is over the limit of {max_pixels} "
+                                 f"(a decompression bomb?); --max-image-pixels N raises it")
+            factor = min(image.size) // min_side if min_side else 1
+            if factor >= 2:  # a JPEG decodes at 1/2, 1/4 or 1/8 scale itself (other formats ignore the draft)
+                image.draft(None, (image.width // factor, image.height // factor))
+            image.load()  # decodes now, so a truncated file fails here and not later
+            ImageOps.exif_transpose(image, in_place=True)  # phone and scanner photos store rotation in EXIF
+            factor = min(image.size) // min_side if min_side else 1  # what is left: other formats, or beyond 1/8
+            return _to_rgb(_reduce(image, factor) if factor >= 2 else image)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not an image file (Pillow cannot identify it)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
+
+
+def _reduce(image, factor):
+    """The mean of each factor x factor block (Image.reduce), in a mode whose values can be averaged:
+    palette indices, transparency and 1-bit go to RGB first; 16-bit to 32-bit (reduce has no 16-bit)."""
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")
+    elif image.mode not in ("L", "RGB", "I", "F") or "transparency" in image.info:
+        image = _to_rgb(image)
+    return image.reduce(factor)
 
 
 def _to_rgb(image):
@@ -147,11 +171,16 @@ def preprocess_image(image, size=336, mode="pad"):
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
-def image_input(paths, size=336, mode="pad"):
-    """1..4 image files of one sample -> the model's input: one composite, fitted, (3, size, size)."""
+def image_input(paths, size=336, mode="pad", max_pixels=MAX_IMAGE_PIXELS):
+    """1..4 image files of one sample -> the model's input: one composite, fitted, (3, size, size).
+
+    A large image is read with its shorter side at 4 x size or a little more. No part of the composite
+    keeps more than `size` pixels along its shorter side, so each output pixel still averages 4 x 4
+    or more of the pixels read, and all that follows the decoding (colour conversion, the composite,
+    the fit) handles a few megapixels, however large the scan."""
     if len(paths) > MAX_IMAGES:  # before reading any of them
         raise TooManyImages(f"{len(paths)} images for one sample; at most {MAX_IMAGES} are concatenated")
-    return preprocess_image(concat_images([load_image(p) for p in paths]), size, mode)
+    return preprocess_image(concat_images([load_image(p, max_pixels, 4 * size) for p in paths]), size, mode)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -352,7 +381,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
 
     def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
                  image_fit="pad", max_length=2048, num_image_tokens=576, seed=0, strict=False,
-                 min_answer_chars=2):
+                 min_answer_chars=2, max_image_pixels=MAX_IMAGE_PIXELS):
         # min_answer_chars=2: an answer of 0-1 characters ("", ".", "A") marks a broken record, while
         # short real answers such as "是。" pass; raise it to filter short captions harder.
         if (stage, style) not in STAGE_TEMPLATE or image_fit not in ("pad", "crop"):
@@ -362,7 +391,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
         self.stage, self.style, self.template = stage, style, STAGE_TEMPLATE[(stage, style)]
         self.image_size, self.image_fit, self.seed = image_size, image_fit, seed
         self.max_length, self.num_image_tokens, self.strict = max_length, num_image_tokens, strict
-        self.min_answer_chars = min_answer_chars
+        self.min_answer_chars, self.max_image_pixels = min_answer_chars, max_image_pixels
         self.records = read_records(data_path)
         self.skipped = Counter()
         self.epoch = 0  # exclusions and lengths are measured with epoch 0's prompts
@@ -449,7 +478,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
         files = image_files(record)
         try:
             paths = [os.path.join(self.image_root, f) for f in files]
-            pixels = [image_input(paths, self.image_size, self.image_fit)] if files else []
+            pixels = [image_input(paths, self.image_size, self.image_fit, self.max_image_pixels)] if files else []
         except ImageError as e:
             self.skipped["unreadable_image"] += 1
             warnings.warn(f"skipping sample {index} (id {record.get('id')!r}): {e}")

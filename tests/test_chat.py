@@ -7,6 +7,7 @@ varied text: a model repeating one token would let most comparisons pass by acci
 """
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -17,12 +18,12 @@ from pathlib import Path
 import pexpect
 import pytest
 import torch
+from PIL import Image
 
 import chat
 from checkpoint import save_weights
-from data import Tokenizer
+from data import IMAGE_TOKEN_INDEX, Tokenizer, expand_images, image_input
 from llama import LlamaArgs
-from data import IMAGE_TOKEN_INDEX, expand_images
 from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
 
@@ -120,6 +121,30 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tokenizer):
     assert run(1, temperature=1.0, top_p=1e-6) == run(0, temperature=0.0)
 
 
+@pytest.mark.parametrize("temperature", [0.2, 0.7, 1.0])
+def test_sample_is_softmax_over_temperature_then_top_p(temperature, top_p=0.9):
+    """One distribution drawn 20,000 times: the tokens equal a by-hand top-p draw with the same
+    generator, and their frequencies match softmax(logits / T) cut to the top_p head (which drops
+    1 to 3 of the 6 tokens here)."""
+    logits = torch.tensor([0.6, 2.0, -1.0, 1.2, 0.0, 1.6])  # out of order: a draw must be mapped back from the sort
+    batch = logits.repeat(20_000, 1)  # (B, vocab)
+    tokens = chat.sample(batch, temperature, top_p, torch.Generator().manual_seed(1))
+
+    probs, order = torch.softmax(batch / temperature, -1).sort(-1, descending=True)
+    probs = probs * (probs.cumsum(-1) - probs <= top_p)  # the head that first holds top_p of the mass
+    by_hand = order.gather(-1, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1))).squeeze(-1)
+    assert torch.equal(tokens, by_hand)
+
+    def distribution(t):  # the exact target, in float64, in vocabulary order
+        p, o = torch.softmax(logits.double() / t, -1).sort(descending=True)
+        p = p * (p.cumsum(0) - p <= top_p)
+        return torch.zeros(6, dtype=torch.float64).scatter(0, o, p / p.sum())
+    frequencies = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert (frequencies - distribution(temperature)).abs().max() < 0.015  # 4 standard errors at most
+    for other in {0.2, 0.7, 1.0} - {temperature}:  # another temperature would have been caught
+        assert (distribution(other) - distribution(temperature)).abs().max() > 0.1
+
+
 def test_greedy_matches_transformers_llava_generate(tmp_path, tokenizer):
     """A random llava-hf model loaded through chat.py writes the same tokens as transformers'."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -195,6 +220,35 @@ def test_question_prints_only_the_answer(model_dir, tokenizer):
     assert result.stdout == expected + "\n"
 
 
+def sampled(model_dir, tokenizer, text, temperature, seed, n):
+    """What generate writes for one question with top-p 0.9 (the default) and a seeded generator."""
+    model, _ = chat.load_model(model_dir)
+    prompt = chat.prompt_ids(question(text), tokenizer, "paper")
+    rng = torch.Generator().manual_seed(seed)
+    return tokenizer.decode(chat.generate_batch(model, [prompt], chat.load_pixels([CHEST], model), n,
+                                                tokenizer.eos_id, temperature=temperature, top_p=0.9, rng=rng)[0])
+
+
+def test_temperature_flag_reaches_sampling(model_dir, tokenizer, capsys):
+    """--temperature 0.7 --seed 1 answers the same twice, and exactly what sampling at 0.7 with
+    that seed writes; not what 0 (greedy) or 1.0 would."""
+    answers = []
+    for temperature in ("0.7", "0.7", "0"):
+        assert chat.main([CHEST, "--model", model_dir, "--question", "What is this?", "--temperature", temperature,
+                          "--seed", "1", "--max-new-tokens", "16"]) == 0
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] == answers[1] == sampled(model_dir, tokenizer, "What is this?", 0.7, 1, 16)
+    assert answers[0] != answers[2] and answers[0] != sampled(model_dir, tokenizer, "What is this?", 1.0, 1, 16)
+
+
+def test_interactive_chat_samples_at_temperature_0_2_by_default(model_dir, tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is this?\n"))  # one question, then end of input
+    assert chat.main([CHEST, "--model", model_dir, "--seed", "5", "--max-new-tokens", "16"]) == 0
+    answer = capsys.readouterr().out.split(">>> ")[1].strip()
+    assert answer == sampled(model_dir, tokenizer, "What is this?", 0.2, 5, 16)
+    assert answer not in (sampled(model_dir, tokenizer, "What is this?", t, 5, 16) for t in (0.0, 1.0))
+
+
 def test_context_limit_is_respected(tmp_path, tokenizer, capsys):
     prompt = chat.prompt_ids(question("What is it?"), tokenizer, "paper")
     length = len(prompt) - 1 + 64  # the placeholder becomes 64 features
@@ -224,6 +278,8 @@ def test_interactive_chat_in_a_terminal(model_dir):
     child.expect("new dialog about the same image")
     child.sendline("/image " + str(IMAGES / "missing.png"))
     child.expect("no such image file")
+    child.sendline("/image " + str(IMAGES))
+    child.expect("is a directory, not an image file")
     child.sendline(f"/image {HEAD} {BONE}")
     child.expect("new dialog about")
     child.expect(">>> ")
@@ -253,6 +309,44 @@ def test_ctrl_c_stops_the_answer_then_exits_at_the_prompt(model_dir):
     assert child.exitstatus == 0
 
 
+PEAK_RSS = """import re, sys, torch, data
+def rss(key):  # MiB; VmHWM is the peak resident memory of this process since it started, VmRSS the current
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024
+before = rss("VmRSS")
+pixels = data.image_input([sys.argv[1]], 336)
+print(rss("VmHWM") - before)
+torch.save(pixels, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="measures memory through Linux's /proc")
+def test_large_images_are_answered_in_bounded_memory(tmp_path, model_dir, capsys):
+    """A pathology image upscaled to 12,000 x 10,000 (120 megapixels, which Pillow alone refuses)
+    is read at a few times 336 (a JPEG decoded at 1/4 scale, a PNG decoded whole and block-averaged)
+    and gives the model what a 1,200 x 1,000 copy gives, up to resampling differences. The peak
+    memory of each read is measured in a fresh process (pytest -s prints it)."""
+    big = Image.open(IMAGES / "colon_ihc_pathology.png").resize((12_000, 10_000), Image.BICUBIC)
+    big.save(tmp_path / "large.jpg", quality=90)
+    big.save(tmp_path / "large.png", compress_level=1)
+    big.resize((1200, 1000), Image.BICUBIC).save(tmp_path / "small.png")
+    del big
+    reference = image_input([tmp_path / "small.png"], 336)
+    assert (reference.flip(-1) - reference).abs().mean() > 0.2  # another picture is far outside the tolerance
+    decoded = 12_000 * 10_000 * 4 / 2**20  # MiB: Pillow holds an RGB pixel in 4 bytes
+    for name, bound in (("large.jpg", decoded / 4), ("large.png", 1.25 * decoded)):
+        probe = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / name), str(tmp_path / "pixels.pt")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 0, probe.stderr
+        with capsys.disabled():
+            print(f"\n{name}: peak RSS grew {int(probe.stdout)} MiB (decoded whole it is {decoded:.0f} MiB)", end="")
+        assert int(probe.stdout) < bound
+        diff = (torch.load(tmp_path / "pixels.pt") - reference).abs()
+        assert diff.mean() < 0.02 and diff.max() < 0.3  # CLIP-normalised: 0.02 is about 1.4 of 255 levels
+    assert chat.main([str(tmp_path / "large.jpg"), "--model", model_dir, "--question", "What is it?",
+                      "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 def corrupt_image(tmp_path):
     path = tmp_path / "corrupt.png"
     path.write_bytes((IMAGES / "chest_xray.png").read_bytes()[:300])
@@ -279,6 +373,28 @@ def no_tokenizer(tmp_path, model_dir):
     return str(tmp_path / "bare")
 
 
+def stage1_output(tmp_path):
+    """What train.py writes in stage 1: the adapter alone, with the tower folders it trained against."""
+    model = tiny_model()
+    save_weights({f"vision_model.{k}": v for k, v in model.vision.state_dict().items()}, tmp_path / "vision")
+    (tmp_path / "vision" / "config.json").write_text(json.dumps(model.vision.args.to_hf_config()))
+    save_weights({(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.llm.state_dict().items()},
+                 tmp_path / "llm")
+    (tmp_path / "llm" / "config.json").write_text(json.dumps(model.config.llm.to_hf_config()))
+    model.save_projector(tmp_path / "stage1", tmp_path / "vision", tmp_path / "llm", tokenizer=TOKENIZER)
+    return str(tmp_path / "stage1")
+
+
+def eval_file(tmp_path, records):
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    return ["--eval", str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "answers.jsonl")]
+
+
+def record(image, turns=("What is it?", "A chest X-ray.")):
+    return {"image": image, "conversations": [{"from": "human" if k % 2 == 0 else "gpt", "value": v}
+                                              for k, v in enumerate(turns)]}
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing image", "no such image file"),
     ("corrupt image", "corrupt or truncated"),
@@ -287,13 +403,17 @@ def no_tokenizer(tmp_path, model_dir):
     ("vision folder that does not match", "does not match"),
     ("no tokenizer", "no tokenizer.model"),
     ("demo model not trained", "train.py --demo --stage 2"),
+    ("image is a directory", "samples/images: is a directory, not an image file"),
+    ("image over --max-image-pixels", "482x512 pixels is over the limit of 100000"),
+    ("stage-1 output", "chat needs a stage-2 model. Stage 1's output is for train.py --stage 2 --stage1-output"),
+    ("eval that answers nothing", "records_missing_or_corrupt_image 2); image names are relative to"),
 ])
 def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, model_dir, case, expected):
-    image, model = CHEST, ["--model", model_dir]
+    images, model, mode = [CHEST], ["--model", model_dir], ["--question", "What is it?"]
     if case == "missing image":
-        image = str(tmp_path / "nope.png")
+        images = [str(tmp_path / "nope.png")]
     elif case == "corrupt image":
-        image = corrupt_image(tmp_path)
+        images = [corrupt_image(tmp_path)]
     elif case == "missing model folder":
         model = ["--model", str(tmp_path / "nowhere")]
     elif case == "unknown layout":
@@ -304,11 +424,43 @@ def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, model_dir, case, ex
         model = ["--model", no_tokenizer(tmp_path, model_dir)]
     elif case == "demo model not trained":
         model = ["--demo"]  # run where there is no runs/demo-stage2
-    result = run_cli(image, *model, "--question", "What is it?", cwd=tmp_path)
+    elif case == "image is a directory":
+        images = [str(IMAGES)]
+    elif case == "image over --max-image-pixels":
+        mode += ["--max-image-pixels", "100000"]
+    elif case == "stage-1 output":
+        model = ["--model", stage1_output(tmp_path)]
+    elif case == "eval that answers nothing":
+        images, mode = [], eval_file(tmp_path, [record("chest_xray.png"), record("head_ct.png")])  # not beside it
+    result = run_cli(*images, *model, *mode, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert expected in result.stderr
+
+
+def test_a_stage1_output_is_refused_in_chat_question_and_eval(tmp_path, capsys):
+    """Stage 1 learned only to caption. Its folder loads as a whole model, so chat would answer
+    with garbage; every mode refuses it instead, and says what it is for."""
+    folder = stage1_output(tmp_path)
+    assert QilinMedVL.from_pretrained(folder).num_image_tokens == 64  # loadable: the refusal is chat's
+    for mode in ([CHEST], [CHEST, "--question", "What is it?"], eval_file(tmp_path, [record(CHEST)])):
+        assert chat.main([*mode, "--model", folder]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"a stage-2 model. Stage 1's output is for train.py --stage 2 " \
+                                          f"--stage1-output {folder}" in err
+
+
+@pytest.mark.parametrize("records, expected", [
+    ([{"id": 1}, "a string"], "(skipped: records_malformed 2); a record needs 'conversations' of alternating"),
+    ([record([CHEST] * 5)], "(skipped: records_too_many_images 1); a record takes at most 4 images"),
+    ([record(CHEST, ("What is it?",))], "(skipped: none); no record has a gpt turn to answer"),
+])
+def test_an_eval_that_answers_nothing_fails_and_says_why(tmp_path, model_dir, capsys, records, expected):
+    assert chat.main([*eval_file(tmp_path, records), "--model", model_dir]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no answers from {len(records)} records {expected}" in err
+    assert not (tmp_path / "answers.metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -415,6 +567,9 @@ def test_a_long_prompt_does_not_shorten_the_other_answers_in_its_batch(tmp_path,
     (["--top-p", "0"], "--top-p must be above 0"),
     (["--top-p", "1.5"], "--top-p must be above 0"),
     (["--temperature", "-1"], "--temperature must be 0"),
+    (["--question", ""], "--question is empty"),
+    (["--question", "  "], "--question is empty"),
+    (["--max-image-pixels", "0"], "--max-image-pixels must be at least 1"),
 ])
 def test_bad_flags_are_refused_before_loading(flags, expected, capsys):
     with pytest.raises(SystemExit):

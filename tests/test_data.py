@@ -434,12 +434,44 @@ def test_load_image_errors(tmp_path):
     (tmp_path / "notes.png").write_text("these are not pixels")
     with pytest.raises(ImageError, match="notes.png: not an image"):
         load_image(tmp_path / "notes.png")
-    for side in (10_000, 40_000):  # Pillow warns at the first and refuses the second; both are ours
+    with pytest.raises(ImageError, match=f"{tmp_path}: is a directory, not an image file"):
+        load_image(tmp_path)
+    (tmp_path / "large.png").write_bytes(png_declaring(12_000, 10_000))  # Pillow alone would refuse it
+    with pytest.raises(ImageError, match="large.png: corrupt or truncated"):  # read, and its pixels are missing
+        load_image(tmp_path / "large.png")
+    for side in (40_000, 1_000_000):  # 1.6 and 1,000 gigapixels claimed by a 60-byte file
         (tmp_path / f"bomb{side}.png").write_bytes(png_declaring(side, side))
-        with pytest.raises(ImageError, match="decompression bomb"):
+        with pytest.raises(ImageError, match=r"over the limit .* decompression bomb.*--max-image-pixels"):
             load_image(tmp_path / f"bomb{side}.png")
     with pytest.raises(ImageError, match="over the limit"):
         load_image(IMAGES / "chest_xray.png", max_pixels=100_000)
+
+
+def test_large_images_are_read_smaller_in_every_mode(tmp_path):
+    """min_side reads an image smaller by a whole factor (a JPEG at 1/2 to 1/8 scale, others by
+    block means), keeping its modes right: small images and a small min_side keep this cheap."""
+    for path in IMAGES.iterdir():
+        full, small = load_image(path), load_image(path, min_side=100)
+        assert small.mode == "RGB" and 100 <= min(small.size) < 200, path.name  # reduced when 2x or more fits
+        assert abs(np.asarray(small, float).mean() - np.asarray(full, float).mean()) < 2, path.name
+    # 16-bit: block means at full precision, then windowed from their own min..max
+    raw = np.asarray(Image.open(IMAGES / "ct_small_16bit.png")).astype(np.float64)
+    ct = np.asarray(load_image(IMAGES / "ct_small_16bit.png", min_side=32))[..., 0]
+    blocks = raw.reshape(32, 4, 32, 4).mean(axis=(1, 3))
+    assert ct.shape == (32, 32) and ct.min() == 0 and ct.max() == 255
+    assert np.abs(ct - (blocks - blocks.min()) * 255 / (blocks.max() - blocks.min())).max() <= 1
+    # EXIF rotation survives a JPEG decoded at 1/4 scale
+    rgb = Image.open(IMAGES / "echocardiogram.png").convert("RGB")  # 512 x 384
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rgb.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg", min_side=96).size == (96, 128)
+    # a palette image is made RGB (transparent -> white) before averaging: indices are not intensities
+    p = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    p.save(tmp_path / "p.png", transparency=0)
+    small = np.asarray(load_image(tmp_path / "p.png", min_side=96), float)  # 128 x 96: 4 x 4 blocks
+    assert np.all(small[(np.asarray(p) == 0).reshape(96, 4, 128, 4).all(axis=(1, 3))] == 255)
+    assert np.abs(small - np.asarray(load_image(tmp_path / "p.png").resize((128, 96), Image.BOX), float)).mean() < 1
 
 
 def test_concat_layouts():
