@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from checkpoint import (CheckpointError, Weights, assign_weights, read_bin, read_config, read_safetensors,
                         read_weights, save_weights)
+from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
 
@@ -158,12 +159,17 @@ class QilinMedVL(nn.Module):
         """Write transformers' llava-hf layout (LlavaForConditionalGeneration, transformers 5 key
         names), so a trained model can be served with transformers or vLLM.
 
+        With the SentencePiece `tokenizer` (its tokenizer.model) the folder is complete: it also
+        gets the processor files (`write_llava_hf_processor`) that AutoProcessor and vLLM read.
+
         llava-hf marks images with a real vocabulary id repeated once per patch, so the vocabulary
         grows by one `<image>` row (embedding and output rows set to the mean of the others, as
         transformers' resize does: never the argmax in practice)."""
         if self.config.projector != "mlp2x_gelu":
             raise ValueError("export_llava_hf needs projector='mlp2x_gelu': transformers' Llava projector is "
                              "always two linear layers with a GELU, so a 'linear' adapter has no place in it")
+        if tokenizer is not None:  # first: a tokenizer that does not fit fails before the weights are written
+            write_llava_hf_processor(folder, self.config, tokenizer)
         state = {}
         for k, v in self.vision.state_dict().items():
             state[f"vision_tower.{k}"] = v
@@ -315,6 +321,67 @@ def llava_hf_key(key):
         key = key.removeprefix("language_model.")
     name = llama_key(key)
     return name and "llm." + name
+
+
+# ---- the llava-hf export's processor files ------------------------------------------------------
+# transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog into the
+# model's inputs from plain files beside the weights. Written here without transformers, each says
+# what chat.py does: https://huggingface.co/docs/transformers/model_doc/llava
+
+def write_llava_hf_processor(folder, config, tokenizer_path):
+    """The tokenizer, image processor, processor and chat-template files of a llava-hf folder."""
+    tok = Tokenizer(tokenizer_path)
+    piece = tok.sp.id_to_piece
+    image_token = config.llm.vocab_size  # the row export_llava_hf appends
+    if tok.vocab_size != image_token:  # transformers numbers an added token right after the pieces
+        raise ValueError(f"{tokenizer_path}: {tok.vocab_size} pieces but the model has {image_token} embedding rows; "
+                         f"the processor's <image> token would get id {tok.vocab_size}, not {image_token}")
+    files = {
+        # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch
+        # between special tokens gets SentencePiece's dummy prefix, as data.py encodes the text
+        # around <image> and after </s>. BOS comes from the chat template, so none is added here.
+        "tokenizer_config.json": dict(
+            tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
+            bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id), unk_token=piece(tok.sp.unk_id()),
+            pad_token=piece(tok.pad_id), clean_up_tokenization_spaces=False,
+            model_max_length=config.llm.max_seq_len,
+            added_tokens_decoder={str(image_token): dict(content=IMAGE, special=True, normalized=False,
+                                                         lstrip=False, rstrip=False, single_word=False)}),
+        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then
+        # both fits resize the short side bicubically and take the centre square (a no-op when padded)
+        "preprocessor_config.json": dict(
+            image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
+            do_convert_rgb=True, do_pad=config.image_fit == "pad", do_resize=True, resample=3,  # PIL bicubic
+            size=dict(shortest_edge=config.vision.image_size), do_center_crop=True,
+            crop_size=dict(height=config.vision.image_size, width=config.vision.image_size),
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token
+        # ("default"), one per feature the adapter writes into the text
+        "processor_config.json": dict(
+            processor_class="LlavaProcessor", image_token=IMAGE, patch_size=config.vision.patch_size,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1),
+        "generation_config.json": dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id),
+    }
+    os.makedirs(folder, exist_ok=True)
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(chat_template(config.style, bos=piece(tok.bos_id), eos=piece(tok.eos_id)))
+
+
+def chat_template(style, bos, eos):
+    """prompts/chat_template.jinja with this style's system prompt and question layouts set on top.
+    The layouts come from data.build_conversation itself, with a marker for the question: the
+    first turn of a dialog about an image, and a later turn (which never carries the image)."""
+    mark = "\x00"
+    record = {"image": "image", "conversations": [{"from": "human", "value": mark}, {"from": "gpt", "value": "-"},
+                                                  {"from": "human", "value": mark}]}
+    first, _, later = build_conversation(record, 2, style)
+    values = dict(bos=bos, eos=eos, system=TEMPLATES[STAGE_TEMPLATE[(2, style)]]["system"],
+                  question_with_image=first["value"].split(mark), question_alone=later["value"].split(mark))
+    header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}\n" for k, v in values.items())
+    return header + (PROMPT_DIR / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def check_vision(found, expected, path):

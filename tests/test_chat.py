@@ -22,7 +22,7 @@ from PIL import Image
 
 import chat
 from checkpoint import save_weights
-from data import IMAGE_TOKEN_INDEX, Tokenizer, expand_images, image_input
+from data import IMAGE_TOKEN_INDEX, Tokenizer, expand_images, image_input, load_image
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
@@ -205,6 +205,62 @@ def write_llava_layout(model, folder, clip_folder, clip_width=None):
         type(model.vision)(dataclasses.replace(model.config.vision, dim=clip_width))
     save_weights({f"vision_model.{k}": v for k, v in vision.state_dict().items()}, clip_folder)
     (clip_folder / "config.json").write_text(json.dumps(vision.args.to_hf_config()))
+
+
+def hf_messages(turns):
+    """Our dialog turns as transformers' chat messages, the image in the first question."""
+    messages = []
+    for k, turn in enumerate(turns):
+        content = [{"type": "text", "text": turn["value"]}]
+        if k == 0:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
+    return messages
+
+
+@pytest.mark.parametrize("style", ["paper", "release"])
+@pytest.mark.parametrize("image_fit", ["pad", "crop"])
+def test_llava_hf_export_serves_with_transformers_as_chat_answers(tmp_path, tokenizer, style, image_fit):
+    """export_llava_hf writes a folder that AutoProcessor and LlavaForConditionalGeneration serve
+    as they are: the processor's chat template and tokenizer give chat.prompt_ids' ids (the image's
+    run of tokens collapsed to one placeholder), its image processor gives load_pixels' values, and
+    greedy generate writes chat.generate_batch's tokens, for one question and for a second turn."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = tiny_model(style=style, projector="mlp2x_gelu")
+    model.config.image_fit = image_fit
+    model.export_llava_hf(tmp_path, tokenizer=TOKENIZER)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    served = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    image_id, n = model.config.llm.vocab_size, model.num_image_tokens
+    pixels = chat.load_pixels([BONE], model)  # 128x512: "pad" and "crop" see very different squares
+    first = question("这是什么类型的医学影像？")
+    for turns in (first, first + [{"from": "gpt", "value": "骨扫描。"}] + question("Is there a fracture?")):
+        prompt = processor.apply_chat_template(hf_messages(turns), add_generation_prompt=True)
+        inputs = processor(images=load_image(BONE), text=prompt, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        k = ids.index(image_id)
+        assert ids[k:k + n] == [image_id] * n and image_id not in ids[k + n:]
+        ours = chat.prompt_ids(turns, tokenizer, style)
+        assert ids[:k] + [IMAGE_TOKEN_INDEX] + ids[k + n:] == ours
+        diff = (inputs["pixel_values"] - pixels).abs().max().item()
+        print(f"{style}/{image_fit}, {len(turns)} turns: max |pixel difference| {diff:.1e} "
+              f"({type(processor.image_processor).__name__})")
+        assert diff < 1e-6
+        with torch.no_grad():
+            out = served.generate(**inputs, do_sample=False, max_new_tokens=20)
+        theirs = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id]
+        expected = chat.generate_batch(model, [ours], pixels, 20, tokenizer.eos_id)[0]
+        assert theirs == expected
+        assert len(set(expected)) > 10  # varied text, so the comparison could fail
+
+
+def test_llava_hf_export_refuses_a_tokenizer_that_does_not_fit_the_vocabulary(tmp_path):
+    llm = dataclasses.replace(LlamaArgs.preset("demo"), vocab_size=32008)  # rows padded past the 32000 pieces
+    model = QilinMedVL(QilinConfig(projector="mlp2x_gelu", vision=VisionArgs.preset("demo"), llm=llm))
+    with pytest.raises(ValueError, match="32000 pieces but the model has 32008 embedding rows"):
+        model.export_llava_hf(tmp_path, tokenizer=TOKENIZER)
+    assert not (tmp_path / "model.safetensors").exists()  # refused before the weights were written
 
 
 # ----------------------------------------------------------------------------- the command line
