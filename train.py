@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config, save_weights
-from data import SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
+from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
 import llama
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL, write_config
@@ -106,6 +106,9 @@ def parse_args(argv=None):
     g.add_argument("--image-fit", choices=("pad", "crop"),
                    help="pad to a square or center-crop (default: crop in stage 1, pad in stage 2, as the release)")
     g.add_argument("--max-length", type=int, help="longest sequence, image features included (default 2048)")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"refuse images whose header says more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); "
+                        f"larger ones are read at a few times the model's input size")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per GPU per micro-step (default 32 stage 1, 16 stage 2)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
@@ -148,7 +151,7 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for flag in ("batch_size", "grad_accum", "save_every", "epochs", "max_steps"):
+    for flag in ("batch_size", "grad_accum", "save_every", "epochs", "max_steps", "max_image_pixels"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
@@ -269,7 +272,8 @@ def load_everything(args, dtype, device):
     try:
         dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
                                 style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
-                                max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed)
+                                max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed,
+                                max_image_pixels=args.max_image_pixels)
     except ValueError as e:  # a data file that is not JSON or JSON lines
         fail(str(e))
     if len(dataset) == 0:
@@ -712,9 +716,11 @@ def stopped(args, state):
     if rank_zero():
         kept = latest_checkpoint(args.output)
         again = " ".join(a for a in sys.argv[1:] if a not in ("--overwrite", "--resume"))
+        launcher = f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}" if "LOCAL_WORLD_SIZE" in os.environ \
+            else "python"
         print(f"\ntrain.py: stopped at step {state['step']} (epoch {state['epoch']}); "
-              + (f"the last checkpoint is {args.output}/checkpoints/{kept}; continue with: torchrun ... train.py "
-                 f"{again} --resume" if kept else "no checkpoint was saved (--save-every)"), file=sys.stderr, flush=True)
+              + (f"the last checkpoint is {args.output}/checkpoints/{kept}; continue with: {launcher} train.py "
+                 f"{again} --resume" if kept else "no checkpoint was saved yet (see --save-every)"), file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)  # at once: the other ranks are stopping too, so no collective (and no teardown) can finish
 

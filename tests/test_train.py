@@ -7,6 +7,7 @@ TORCH_EXTENSIONS_DIR, which the tests keep in one stable place.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -62,11 +63,25 @@ def same(a, b):
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "stage1"
+    built = train.shm_extension_built()  # TORCH_EXTENSIONS_DIR is the tests' (conftest.ENV)
     # ZeRO-2 (the stage-1 default); a checkpoint after step 2, for the tests that resume it
-    launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--peak-tflops", 0.1, "--output", out)
-    return out
+    proc = launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--peak-tflops", 0.1, "--output", out)
+    return out, proc, built
+
+
+@pytest.fixture(scope="module")
+def stage1(stage1_run):
+    return stage1_run[0]
+
+
+def test_deepspeed_start_is_explained_once(stage1_run):
+    """DeepSpeed's notes come once, not once per process, and its one-time build is announced."""
+    _, proc, built = stage1_run
+    log = proc.stdout + proc.stderr
+    assert "Setting accelerator to CPU" not in log and log.count("built successfully") <= 1
+    assert ("building its shared-memory communication extension" in log) == (not built)
 
 
 def test_stage1_trains_only_the_adapter(stage1):
@@ -238,7 +253,160 @@ def test_help_and_deepspeed_config(capsys):
     assert (args.batch_size, args.lr, args.zero) == (32, 1e-3, 2)
     for argv, message in ((["--batch-size", "0"], "--batch-size must be at least 1"),
                           (["--max-steps", "-1"], "--max-steps must be at least 1"),
-                          (["--lr", "0"], "--lr must be above 0"), (["--warmup-ratio", "1"], "--warmup-ratio must be")):
+                          (["--lr", "0"], "--lr must be above 0"), (["--warmup-ratio", "1"], "--warmup-ratio must be"),
+                          (["--resume", "--overwrite"], "--resume continues the run in --output and --overwrite deletes it")):
         with pytest.raises(SystemExit):
             train.parse_args(["--demo", "--stage", "1", *argv])
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- runs that users break
+
+def start(*args, nproc=2):
+    """A run in a session of its own, as from a terminal: (process, its stderr file)."""
+    cmd = [sys.executable, "train.py", *map(str, args)]
+    if nproc:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = dict(ENV, MASTER_PORT=str(free_port()))
+    err = open(Path(str(args[args.index("--output") + 1]) + ".stderr"), "w+")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True), err
+
+
+def wait_for_steps(proc, out, n, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = out / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {n} ({proc.poll()})")
+
+
+def test_kill_9_of_torchrun_stops_its_workers(stage1, tmp_path):
+    out = tmp_path / "run"
+    proc, _ = start("--demo", "--stage", 2, "--stage1-output", stage1, "--save-every", 5, "--output", out)
+    try:
+        wait_for_steps(proc, out, 3)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        proc.kill()  # the launcher alone, as `kill -9 PID` of torchrun does
+        proc.wait(timeout=10)
+        t = time.time()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], "workers kept running after their launcher was killed"
+        print(f"workers gone {time.time() - t:.1f} s after torchrun was killed")
+        files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        time.sleep(2)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing more written
+    finally:
+        if proc.poll() is None:
+            kill_run(proc)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "python"])
+def test_ctrl_c_stops_with_one_line_and_the_resume_command(stage1, tmp_path, launcher):
+    out = tmp_path / "run"
+    proc, err = start("--demo", "--stage", 2, "--stage1-output", stage1, "--save-every", 2, "--output", out,
+                      nproc=2 if launcher == "torchrun" else None)
+    try:
+        wait_for_steps(proc, out, 5)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_run(proc)
+    err.seek(0)
+    log = err.read()
+    ours = [line for line in log.splitlines() if line.startswith("train.py: ")]
+    assert len(ours) == 1 and "train.py: stopped at step" in ours[0], log[-3000:]
+    assert f"{out}/checkpoints/step-0000000" in ours[0] and ours[0].endswith("--resume")
+    assert ("torchrun --nproc_per_node 2 train.py" if launcher == "torchrun" else "python train.py") in ours[0]
+    assert 'train.py", line' not in log  # no traceback from our processes (torchrun adds its own report)
+    if launcher == "python":
+        assert proc.returncode == 130
+    step = int(ours[0].split("stopped at step ")[1].split()[0])
+    assert len(metrics(out)) == step
+
+
+def test_an_input_error_under_torchrun_is_the_root_cause_of_its_report(tmp_path):
+    proc = launch("--demo", "--stage", 1, "--data", tmp_path / "nope.json", "--output", tmp_path / "out", check=False)
+    assert proc.returncode != 0
+    report = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert f"traceback : train.py: error: --data {tmp_path / 'nope.json'}: no such file" in report, report
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage,zero", [(1, 2), (1, 3), (2, 2), (2, 3)])
+def test_mostly_text_only_data_trains(stage1, tmp_path, stage, zero):
+    """LLaVA mixes text-only dialogs into stage 2. Micro-batches of text only still run the
+    vision tower and the adapter (on a zero image), so backward has a gradient path and ZeRO-3's
+    collectives match across ranks; every step ends with a finite loss."""
+    records = json.loads((ROOT / "samples" / f"stage{stage}.json").read_text(encoding="utf-8"))
+    mixed = [dict(r, id=f"text-{k}") for k, r in enumerate(records) for _ in range(3)]
+    for r in mixed:
+        r.pop("image")
+        for t in r["conversations"]:
+            t["value"] = t["value"].replace("<image>\n", "").replace("<image>", "")
+    mixed[::8] = [r for r in records[:len(mixed[::8])]]  # one sample in eight has an image
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(mixed, ensure_ascii=False), encoding="utf-8")
+    s1 = ["--stage1-output", stage1] if stage == 2 else []
+    launch("--demo", "--stage", stage, *s1, "--zero", zero, "--data", data, "--batch-size", 2, "--max-steps", 6,
+           "--output", tmp_path / "out")
+    rows = metrics(tmp_path / "out")
+    assert len(rows) == 6 and all(r["loss"] is not None and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_grad_accum_kill_and_resume_mid_accumulation(tmp_path):
+    """Three micro-batches per optimizer step; the kill most likely lands inside an accumulation.
+    The resumed run redoes the step from its checkpoint: the same losses and samples as a run
+    that was never interrupted."""
+    common = ["--demo", "--stage", 1, "--batch-size", 1, "--grad-accum", 3, "--epochs", 4, "--save-every", 2,
+              "--log-sample-ids"]
+    launch(*common, "--output", tmp_path / "straight")
+    reference = metrics(tmp_path / "straight")
+    assert len(reference) == 8 and all(len(r["ids"]) == 2 * 3 for r in reference)  # 2 ranks x 3 micro-batches
+    out = tmp_path / "killed"
+    proc, _ = start(*common, "--output", out)
+    try:
+        wait_for_steps(proc, out, 3)
+        time.sleep(0.05)
+    finally:
+        kill_run(proc)
+    launch(*common, "--output", out, "--resume")
+    resumed = metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(reference, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["ids"] == b["ids"], (a, b)
+
+
+def test_release_style_with_mlp2x_gelu_trains_and_chats(tmp_path):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    launch("--demo", "--stage", 1, "--style", "release", "--projector", "mlp2x_gelu", "--max-steps", 2, "--output", s1)
+    launch("--demo", "--stage", 2, "--stage1-output", s1, "--max-steps", 2, "--output", s2)  # takes stage 1's choices
+    model = QilinMedVL.from_pretrained(s2)
+    assert (model.config.projector, model.config.style) == ("mlp2x_gelu", "release")
+    assert all(math.isfinite(r["loss"]) for r in metrics(s1) + metrics(s2))
+    proc = subprocess.run([sys.executable, "chat.py", "samples/images/head_ct.png", "--model", str(s2), "--question",
+                           "这是什么类型的医学影像？", "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+def test_overwrite_replaces_an_earlier_run(stage1, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stage1, out)
+    (out / "notes.txt").write_text("from the earlier run")
+    launch("--demo", "--stage", 1, "--max-steps", 1, "--output", out, "--overwrite")
+    assert not (out / "notes.txt").exists() and not (out / "checkpoints").exists()
+    assert [r["step"] for r in metrics(out)] == [1] and (out / "projector.safetensors").is_file()
+
+
+def test_bf16_on_the_cpu(tmp_path):
+    """bf16 weights with float32 master copies, as on a GPU, where the CPU has bf16 kernels."""
+    launch("--demo", "--stage", 1, "--precision", "bf16", "--max-steps", 3, "--output", tmp_path / "out")
+    rows = metrics(tmp_path / "out")
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["precision"] == "bf16"
+    projector = read_safetensors(str(tmp_path / "out" / "projector.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in projector.values())
