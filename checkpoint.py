@@ -178,9 +178,8 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
                 lines.append(f"  {len(keys)} {label}: " + "; ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         raise CheckpointError("\n".join(lines))
     for name, t in state.items():
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[name] = t.to(device) if device is not None else t
+        t = t.to(device) if device is not None else t  # first moved, then cast there: on a GPU no host copy
+        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     module.load_state_dict(state, strict=True, assign=True)
     return module
 
