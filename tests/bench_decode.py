@@ -26,7 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import chat  # noqa: E402
-from model import IMAGE_TOKEN_INDEX  # noqa: E402
+from data import IMAGE_TOKEN_INDEX  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "data" / "mistral-7b-v0.1.model"
 IMAGE = ROOT / "samples" / "images" / "chest_xray.png"

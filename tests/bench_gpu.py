@@ -47,6 +47,7 @@ from vit import VisionArgs  # noqa: E402
 
 PEAKS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125}  # dense bf16 TFLOP/s
 SUMMARY = []  # (part, what, figure) rows printed at the end
+MEASURED = {}  # (stage, ZeRO stage, compiled): MFU of train.py's step, for the whole-run estimate
 
 
 def sync(device):
@@ -249,6 +250,7 @@ def real_step(args, stage, zero, compile, batch_size, device, peak):
         print(f"{name:52s} {s * 1e3:8.1f} ms  {n / s:9.0f} tok/s  MFU {mfu:5.1f}%  (first step {times[0]:.1f} s){mem}",
               flush=True)
         SUMMARY.append(("b", name, f"{n / s:,.0f} tok/s, MFU {mfu:.1f}%"))
+        MEASURED[(stage, zero, compile)] = mfu
         if hasattr(engine, "destroy"):
             engine.destroy()
         del engine, model, batches
@@ -273,6 +275,8 @@ def part_b(args, device, peak):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if (1, 2, False) in MEASURED and (2, 3, False) in MEASURED:  # the paper's setup: ZeRO-2, then ZeRO-3
+        whole_run_estimate({1: MEASURED[(1, 2, False)], 2: MEASURED[(2, 3, False)]})
 
 
 # ----------------------------------------------------------------------------- (c) decoding
@@ -398,6 +402,23 @@ def hf_generate(model, ids, pixels, n_new, limit, dtype, device):
     return out[0, -n_new:].tolist()
 
 
+# ChiMed-VL (paper section 3): samples, positions per sample with the 576 image features in, and
+# learned tokens per sample (stage 1: a ~75-token caption after the prompt; stage 2: a ~22-token answer)
+CHIMED_VL = {1: (580_014, 700, 75), 2: (469_441, 680, 22)}
+
+
+def whole_run_estimate(mfu, gpus=8, peak=312):
+    """Hours of each stage (one epoch, paper section 5.2) on `gpus` A100s at these MFUs (percent)."""
+    llm = LlamaArgs()  # LLaMA-2-13B
+    print(f"\nwhole-run estimate on {gpus} x A100 (bf16 peak {peak} TFLOP/s), from the MFU measured above:")
+    for stage, (samples, length, learned) in CHIMED_VL.items():
+        flops = samples * train.step_flops([length], learned, llm, stage)
+        ideal = flops / (gpus * peak * 1e12) / 3600
+        print(f"  stage {stage}: {samples:,} samples x {length} positions, {flops:.2e} FLOPs: {ideal:.1f} h at 100% MFU, "
+              f"{ideal / (mfu[stage] / 100):.1f} h at {mfu[stage]:.1f}%")
+        SUMMARY.append(("b", f"stage {stage} on 8 x A100 at {mfu[stage]:.1f}% MFU", f"{ideal / (mfu[stage] / 100):.1f} h"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=4, help="LLaMA-2-13B layers in the training slices (of 40)")
@@ -410,9 +431,13 @@ def main():
     p.add_argument("--only", default="abc", help="which parts to run, e.g. 'bc'")
     p.add_argument("--profile", action="store_true", help="(c): print a profile of the eager decode steps")
     p.add_argument("--compiled-only", action="store_true", help="(c): only chat.generate's compiled path")
+    p.add_argument("--estimate", nargs=2, type=float, metavar=("MFU1", "MFU2"),
+                   help="only print the whole-run estimate for these stage-1 and stage-2 MFUs (percent)")
     p.add_argument("--peak-tflops", type=float, help="peak of this GPU (default: looked up from its name)")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape in fp32 on the CPU: checks the script runs")
     args = p.parse_args()
+    if args.estimate:
+        return whole_run_estimate({1: args.estimate[0], 2: args.estimate[1]})
     args.dim, args.heads, args.mlp, args.vocab = 5120, 40, 13824, 32000
     if args.cpu_smoke:
         args.dim, args.heads, args.mlp, args.vocab, args.layers, args.seq, args.batch = 64, 4, 172, 3000, 2, 128, 2
