@@ -81,7 +81,7 @@ DeepSpeed's own monitors (off by default) are switched on with --deepspeed-confi
 """
 
 
-def parse_args(argv=None):
+def arg_parser():
     demo = "\n".join(f"  stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
                      for stage, values in DEMO.items())  # made from DEMO, so that --help cannot drift from it
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -142,8 +142,13 @@ def parse_args(argv=None):
     g.add_argument("--log-sample-ids", action="store_true",
                    help="record each step's sample ids in metrics.jsonl (audits data order across resumes)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher adds it
-    args = p.parse_args(argv)
+    return p
 
+
+def parse_args(argv=None):
+    """The command line, with the defaults filled in and every value checked."""
+    p = arg_parser()
+    args = p.parse_args(argv)
     # Fill what was not given: demo values, then the paper's, then the stage-1 run's own choices.
     defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4)
     if args.demo:

@@ -68,7 +68,7 @@ def main():
     tok = Tokenizer(ROOT / "tests" / "data" / "mistral-7b-v0.1.model")
     rng = np.random.default_rng(0)
     over1, over2 = template_overhead(tok, 1), template_overhead(tok, 2)
-    print(f"padding per batch of {BATCH} x {RANKS} ranks; assumed lengths (SPEC section 3): text tokens lognormal "
+    print(f"padding per batch of {BATCH} x {RANKS} ranks; assumed lengths (ChiMed-VL, paper section 3): text tokens lognormal "
           f"around the medians, sigma 0.5 (stage 1 context, median 435) and 0.7 (stage 2 question, median 20; "
           f"answer, median 22), + {IMAGE_TOKENS} image tokens + the v1 template with a paper prompt "
           f"({over1} / {over2} tokens, LLaMA-style tokenizer), cut at {MAX_LENGTH}")
