@@ -16,12 +16,14 @@ accuracy (multiple choice; yes/no by whole words, so "normal" is not "no"), open
 """
 
 import argparse
+import csv
 import functools
 import json
 import os
 import re
 import shlex
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -29,9 +31,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config
-from data import (MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages,
-                  build_conversation, expand_images, image_files, image_input, pmc_vqa_to_records, read_records,
-                  render)
+from data import (IMAGE, MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages,
+                  build_conversation, expand_images, image_files, image_input, read_records, render)
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
@@ -247,6 +248,36 @@ def chat(model, tokenizer, pixels, args, rng):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def pmc_vqa_to_records(csv_path):
+    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records.
+
+    The question shows the choices; the answer is the answer text; choices and label are kept
+    for closed-set scoring. Malformed rows are skipped and reported in one warning.
+    """
+    records, bad = [], []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
+            field = lambda name: (row.get(name) or "").strip()  # noqa: E731 (a missing cell is None)
+            choices = {}
+            for letter in "ABCD":
+                value = field(f"Choice {letter}")
+                if value:  # "A:text" or " A: text" -> "text"
+                    choices[letter] = value[2:].strip() if value[:2].upper() == f"{letter}:" else value
+            figure, question, answer, label = (field(k) for k in ("Figure_path", "Question", "Anwser", "Answer_label"))
+            if not (figure and question and answer) or label not in choices:
+                bad.append(f"row {row_number}: empty figure, question or answer, or label {label!r} not a choice")
+                continue
+            lines = "\n".join(f"{k}: {v}" for k, v in choices.items())
+            records.append({
+                "id": f"pmc_vqa_{row_number}", "image": figure,
+                "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}\n{lines}"},
+                                  {"from": "gpt", "value": answer}],
+                "choices": choices, "answer_label": label, "caption": (row.get("Caption") or "").strip()})
+    if bad:
+        warnings.warn(f"{csv_path}: skipped {len(bad)} malformed rows, e.g. {bad[0]}")
+    return records
+
+
 YES, NO = ("yes", "是", "是的", "对", "有"), ("no", "否", "不是", "不对", "不", "没有", "无")
 
 
@@ -298,6 +329,8 @@ def recall(prediction, reference):
 
 
 def score(prediction, reference, record, turn):
+    """(kind, result): a multiple-choice first turn by its letter, a yes/no reference by yes or no,
+    anything else by recall."""
     if turn == 0 and record.get("choices") and record.get("answer_label"):
         return "multiple_choice", {"correct": choice_letter(prediction, record["choices"]) == record["answer_label"]}
     if yes_no(reference) is not None:
@@ -305,85 +338,95 @@ def score(prediction, reference, record, turn):
     return "open", {"recall": recall(prediction, reference)}
 
 
+def record_questions(record, model, tokenizer, image_root, args, skipped):
+    """One record's questions: each assistant turn, with the reference dialog before it as history.
+    A record that cannot be used gives none, and `skipped` counts why."""
+    try:
+        turns, files = record["conversations"], image_files(record)
+        paths = [os.path.join(image_root, f) for f in files]
+        pixels = load_pixels(paths, model, args.max_image_pixels) if files else None
+        questions = []
+        for k in range(1, len(turns), 2):
+            prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
+            # the room this prompt leaves, as if it were alone, whatever it is batched with
+            budget = room(model, prompt, args.max_new_tokens or 512)[0]
+            if budget == 0:
+                skipped["answers_over_context"] += 1
+                continue
+            questions.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels, room=budget,
+                                  question=turns[k - 1]["value"], reference=turns[k]["value"]))
+        return questions
+    except ImageError:
+        skipped["records_missing_or_corrupt_image"] += 1
+    except TooManyImages:
+        skipped["records_too_many_images"] += 1
+    except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
+        skipped["records_malformed"] += 1
+    return []
+
+
+def answer_batch(model, tokenizer, batch, args, rng):
+    """The answers to a batch of questions, decoded together (left-padded). The batch decodes for the
+    largest room and each answer is cut to its own (positions are per row, so the longer cache
+    changes nothing for a short prompt)."""
+    prompts, pixels = [q["prompt"] for q in batch], [q["pixels"] for q in batch if q["pixels"] is not None]
+    answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, max(q["room"] for q in batch),
+                             tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p, rng=rng,
+                             compile=args.compile)
+    return [tokenizer.decode(ids[:q["room"]]) for q, ids in zip(batch, answers)]
+
+
 def evaluate(model, tokenizer, args, rng):
-    """Answer every assistant turn of every record (the reference dialog before it as history),
-    in left-padded batches; write one JSON line per answer; return the metrics."""
+    """Answer every assistant turn of every record, batch_size questions at a time as the records are
+    read; write one JSON line per answer; return the metrics."""
     records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
     skipped, results, pending = Counter(), [], []
-
-    def run(batch, out):
-        prompts = [item["prompt"] for item in batch]
-        pixels = [item["pixels"] for item in batch if item["pixels"] is not None]
-        # Each answer gets the room its own prompt leaves, as if it were alone: the batch decodes for
-        # the largest room and each row is cut to its own (positions are per row, so the longer
-        # cache changes nothing for a short prompt).
-        rooms = [room(model, p, args.max_new_tokens or 512)[0] for p in prompts]
-        answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, max(rooms), tokenizer.eos_id,
-                                 temperature=args.temperature, top_p=args.top_p, rng=rng, compile=args.compile)
-        for item, ids, n in zip(batch, answers, rooms):
-            prediction = tokenizer.decode(ids[:n])
-            kind, result = score(prediction, item["reference"], item["record"], item["turn"])
-            row = dict(id=item["record"].get("id"), turn=item["turn"], question=item["question"],
-                       reference=item["reference"], prediction=prediction, kind=kind, **result)
-            results.append(row)
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-
     with open(args.out, "w", encoding="utf-8") as out:
         # the progress bar only in a terminal (disable=None), so that a log holds the results and errors alone
-        for record in tqdm(records, desc="evaluating", unit="record", file=sys.stderr, disable=None):
-            try:
-                turns, items = record["conversations"], []
-                files = image_files(record)
-                paths = [os.path.join(image_root, f) for f in files]
-                pixels = load_pixels(paths, model, args.max_image_pixels) if files else None
-                for k in range(1, len(turns), 2):  # each answer, after the reference dialog before it
-                    prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
-                    if room(model, prompt, 1)[0] == 0:
-                        skipped["answers_over_context"] += 1
-                        continue
-                    items.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels,
-                                      question=turns[k - 1]["value"], reference=turns[k]["value"]))
-                pending += items
-            except ImageError:
-                skipped["records_missing_or_corrupt_image"] += 1
-            except TooManyImages:
-                skipped["records_too_many_images"] += 1
-            except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
-                skipped["records_malformed"] += 1
-            while len(pending) >= args.batch_size:
-                run(pending[:args.batch_size], out)
-                pending = pending[args.batch_size:]
-        if pending:
-            run(pending, out)
+        for i, record in enumerate(tqdm(records, desc="evaluating", unit="record", file=sys.stderr, disable=None)):
+            pending += record_questions(record, model, tokenizer, image_root, args, skipped)
+            while len(pending) >= args.batch_size or (pending and i == len(records) - 1):  # the rest at the end
+                batch, pending = pending[:args.batch_size], pending[args.batch_size:]
+                for q, prediction in zip(batch, answer_batch(model, tokenizer, batch, args, rng)):
+                    kind, result = score(prediction, q["reference"], q["record"], q["turn"])
+                    row = dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
+                               reference=q["reference"], prediction=prediction, kind=kind, **result)
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    results.append(row)
     if not results:  # rather than a table of dashes: why, and what to change
-        reason = skipped.most_common(1)[0][0] if skipped else None
-        hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
-                "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
-                "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
-                "answers_over_context": "the questions with the image's features are longer than the model's context",
-                }.get(reason, "no record has a gpt turn to answer")
-        counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
-        raise ValueError(f"{args.eval}: no answers from {len(records)} records (skipped: {counts}); {hint}")
+        raise ValueError(nothing_answered(args.eval, len(records), skipped, image_root))
     return metrics(results, len(records), skipped)
 
 
-def metrics(results, n_records, skipped):
-    def mean(values):
-        return sum(values) / len(values) if values else None
+def nothing_answered(path, n_records, skipped, image_root):
+    """Why an evaluation gave no answer, by its most common skip, and what to change."""
+    reason = skipped.most_common(1)[0][0] if skipped else None
+    hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
+            "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
+            "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
+            "answers_over_context": "the questions with the image's features are longer than the model's context",
+            }.get(reason, "no record has a gpt turn to answer")
+    counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
+    return f"{path}: no answers from {n_records} records (skipped: {counts}); {hint}"
 
-    by_kind = {kind: [r for r in results if r["kind"] == kind] for kind in ("multiple_choice", "yes_no", "open")}
-    return {"records": n_records, "answers": len(results), "skipped": dict(skipped),
-            "multiple_choice_accuracy": {"n": len(by_kind["multiple_choice"]),
-                                         "value": mean([r["correct"] for r in by_kind["multiple_choice"]])},
-            "yes_no_accuracy": {"n": len(by_kind["yes_no"]), "value": mean([r["correct"] for r in by_kind["yes_no"]])},
-            "open_recall": {"n": len(by_kind["open"]),
-                            "value": mean([r["recall"] for r in by_kind["open"] if r["recall"] is not None])}}
+
+METRICS = {"multiple_choice_accuracy": ("multiple_choice", "correct"), "yes_no_accuracy": ("yes_no", "correct"),
+           "open_recall": ("open", "recall")}  # name: (kind of answer, the result field it averages)
+
+
+def metrics(results, n_records, skipped):
+    m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
+    for name, (kind, field) in METRICS.items():
+        values = [r[field] for r in results if r["kind"] == kind]
+        known = [v for v in values if v is not None]  # a reference without words has no recall
+        m[name] = {"n": len(values), "value": sum(known) / len(known) if known else None}
+    return m
 
 
 def print_metrics(m):
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name in ("multiple_choice_accuracy", "yes_no_accuracy", "open_recall"):
+    for name in METRICS:
         value = m[name]["value"]
         print(f"{name:<28}{m[name]['n']:>7}{'-' if value is None else f'{value:.3f}':>9}")
     skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"

@@ -14,10 +14,15 @@ Loading follows three rules:
   2. Memory-map the files: a tensor's bytes are read from disk only when first touched.
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
+
+The second half is the whole model's folder layouts (ours, stage 1's adapter, the authors' LLaVA
+release, transformers' llava-hf): which one a folder holds, its key table, its config fields, and
+the llava-hf export with the files that serve it. Only names and dicts: model.py builds the model.
 """
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 
@@ -208,3 +213,215 @@ def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30):
             total += t.numel() * t.element_size()
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_config(folder, config, tokenizer=None):
+    """config.json, and a copy of the SentencePiece tokenizer.model that chat.py reads beside it."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
+
+
+# ----------------------------------------------------------------------------- the whole model's layouts
+# Qilin-Med-VL (paper section 4.1: vision tower, adapter, LLM) comes in four kinds of folder:
+#
+#   ours      config model_type "qilin_med_vl": our parameter names as they are
+#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the
+#             folders of the towers it was trained against (see write_projector)
+#   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released
+#             it (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
+#   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
+#
+# A key table maps a checkpoint prefix to our module prefix (None: ignore the key); the first row
+# that matches wins, and the rest of the key goes through that tower's own map (vit.clip_key,
+# llama.llama_key), which strips its `vision_model.` or `model.`.
+
+LLAVA_KEYS = (
+    ("model.mm_projector.", "projector."),
+    ("model.vision_tower.", None),  # a copy of the frozen CLIP some forks save: the CLIP folder's is used
+    ("", "llm."),  # the rest is a LLaMA checkpoint: model.layers.*, lm_head.*
+)
+LLAVA_HF_KEYS = (
+    ("vision_tower.", "vision."),  # transformers 4 (and 5, which writes these names)
+    ("multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."),
+    ("language_model.", "llm."),
+    ("model.vision_tower.", "vision."),  # transformers >= 4.52: towers under `model.`, lm_head on top
+    ("model.multi_modal_projector.linear_1.", "projector.0."),
+    ("model.multi_modal_projector.linear_2.", "projector.2."),
+    ("model.language_model.", "llm."),
+    ("lm_head.", "llm.lm_head."),
+)
+TO_LLAVA_HF_KEYS = (  # our name -> the llava-hf export's (transformers 4's, which every version reads)
+    ("vision.", "vision_tower."),
+    ("projector.0.", "multi_modal_projector.linear_1."),
+    ("projector.2.", "multi_modal_projector.linear_2."),
+    ("llm.lm_head.", "language_model.lm_head."),
+    ("llm.", "language_model.model."),
+)
+
+
+def table_key_map(table, tower_keys):
+    """A key map for assign_weights from a key table; tower_keys: {"vision": clip_key, "llm": llama_key}.
+    A key no row matches is kept as it is, so that assign_weights names it as unexpected."""
+    def key_map(key):
+        for prefix, ours in table:
+            if key.startswith(prefix):
+                if ours is None:
+                    return None
+                rest = key.removeprefix(prefix)
+                name = tower_keys.get(ours.split(".")[0], lambda k: k)(rest)
+                return name and ours + name
+        return key
+    return key_map
+
+
+def detect_layout(config, weights, vision_path=None):
+    """"qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder
+    is told by its config alone, before any weights are read). vision_path, a separate CLIP folder,
+    only fits a layout without a vision tower of its own."""
+    kind = config.get("model_type")
+    llava_hf = any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
+    if vision_path is not None and (kind == "qilin_med_vl" or llava_hf):
+        raise CheckpointError(f"{weights.folder}: this checkpoint carries its own vision tower; a separate vision "
+                              f"folder ({vision_path}) is only for LLaVA-layout checkpoints and stage-1 outputs")
+    if kind == "qilin_med_vl":
+        return "qilin_med_vl"
+    if any(k.startswith("model.mm_projector.") for k in weights.tensors):
+        return "llava"
+    if llava_hf:
+        return "llava_hf"
+    prefixes = sorted({".".join(k.split(".")[:2]) for k in weights.tensors})[:10]
+    raise CheckpointError(f"{weights.folder}: not a Qilin-Med-VL, LLaVA or llava-hf checkpoint (config model_type "
+                          f"{kind!r}; weight keys start with {prefixes})")
+
+
+def llava_vision_path(config, folder, vision_path=None):
+    """Where a LLaVA-layout checkpoint's CLIP tower is: vision_path, or `mm_vision_tower` if that is a
+    local folder (the release names the hub id openai/clip-vit-large-patch14-336)."""
+    vision_path = vision_path or config.get("mm_vision_tower")
+    if not vision_path or not os.path.isdir(vision_path):
+        raise CheckpointError(f"{folder}: this LLaVA-layout checkpoint keeps its CLIP tower elsewhere "
+                              f"(config says mm_vision_tower={config.get('mm_vision_tower')!r}); pass the local "
+                              f"CLIP ViT-L/14-336 folder as vision_path (--vision DIR)")
+    return vision_path
+
+
+def llava_config(config, folder, vision_path, vision_dim):
+    """The model's settings (QilinConfig's fields but the towers) from a LLaVA config.json, which
+    holds LLaMA's fields at the top and LLaVA's `mm_*` ones beside them."""
+    if config.get("mm_hidden_size", vision_dim) != vision_dim:
+        raise CheckpointError(f"{vision_path}: vision tower width {vision_dim} does not match the "
+                              f"checkpoint's mm_hidden_size {config['mm_hidden_size']} ({folder})")
+    return dict(projector=config.get("mm_projector_type", "linear"),
+                select_layer=config.get("mm_vision_select_layer", -2),
+                image_fit="pad" if config.get("image_aspect_ratio") == "pad" else "crop", style="release")
+
+
+def llava_hf_config(config, folder):
+    """The model's settings (QilinConfig's fields but the towers) from a llava-hf config.json; the
+    towers' own configs are its `vision_config` and `text_config`."""
+    if config.get("vision_feature_select_strategy", "default") != "default":
+        raise CheckpointError(f"{folder}: vision_feature_select_strategy {config['vision_feature_select_strategy']!r} "
+                              f"is not supported (LLaVA drops the class token: 'default')")
+    layer = config.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(f"{folder}: vision_feature_layer {layer!r}: only one layer is supported")
+    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit="pad", style="release")
+
+
+# ---- stage 1's output: the adapter alone ------------------------------------------------------------
+
+def write_projector(folder, state_dict, config, tokenizer=None):
+    """projector.safetensors and a config.json that records the towers' folders (paper section
+    4.2.1: stage 1 trains only the adapter, so nothing else needs writing)."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: t.detach().contiguous().cpu() for k, t in state_dict.items()},
+              os.path.join(folder, "projector.safetensors"), metadata={"format": "pt"})
+    write_config(folder, config, tokenizer)
+
+
+def load_projector(projector, path, dtype=None, device=None):
+    """The adapter from stage 1's output folder, or from LLaVA's `mm_projector.bin`."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "projector.safetensors")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: no projector.safetensors (is this a stage-1 output folder?)")
+        tensors, key_map = read_safetensors(file), lambda k: k
+    else:  # LLaVA names them `model.mm_projector.0.weight`, ...
+        file, tensors, key_map = path, read_bin(path), lambda k: k.split("mm_projector.")[-1]
+    weights = Weights(tensors, {k: os.path.basename(file) for k in tensors}, os.path.dirname(file))
+    assign_weights(projector, weights, key_map, dtype, device, what="projector")
+
+
+# ---- the llava-hf export ----------------------------------------------------------------------------
+# llava-hf marks images with a real vocabulary id repeated once per feature, so the export grows the
+# vocabulary by one `<image>` row (embedding and output rows set to the mean of the others, as
+# transformers' resize does: never the argmax in practice).
+
+def to_llava_hf(state_dict):
+    """Our state dict (vision.*, projector.0/2.*, llm.*) -> llava-hf's, with the <image> row appended."""
+    state = {}
+    for name, t in state_dict.items():
+        if name in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
+            t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype)])  # + the <image> row
+        ours, theirs = next((o, h) for o, h in TO_LLAVA_HF_KEYS if name.startswith(o))
+        state[theirs + name.removeprefix(ours)] = t
+    return state
+
+
+def llava_hf_export_config(vision, text, select_layer):
+    """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after
+    the vocabulary, repeated once per patch."""
+    image_token = text["vocab_size"]
+    return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=vision,
+                text_config=dict(text, vocab_size=image_token + 1, pad_token_id=None),
+                image_token_index=image_token, image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+                vision_feature_layer=select_layer, vision_feature_select_strategy="default",
+                projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
+
+
+def write_llava_hf_processor(folder, config, tokenizer, chat_template, placeholder, mean, std):
+    """The files transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog
+    into the model's inputs with: tokenizer, image processor, processor and generation settings, and
+    the chat template. Each says what chat.py does; written without transformers, from its docs:
+    https://huggingface.co/docs/transformers/model_doc/llava
+
+    config: the model's QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std:
+    CLIP's normalisation."""
+    piece = tokenizer.sp.id_to_piece
+    files = {
+        # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch
+        # between special tokens gets SentencePiece's dummy prefix, as data.py encodes the text
+        # around <image> and after </s>. BOS comes from the chat template, so none is added here.
+        "tokenizer_config.json": dict(
+            tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
+            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
+            unk_token=piece(tokenizer.sp.unk_id()),
+            pad_token=piece(tokenizer.pad_id), clean_up_tokenization_spaces=False,
+            model_max_length=config.llm.max_seq_len,
+            added_tokens_decoder={str(config.llm.vocab_size): dict(content=placeholder, special=True, normalized=False,
+                                                                   lstrip=False, rstrip=False, single_word=False)}),
+        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then
+        # both fits resize the short side bicubically and take the centre square (a no-op when padded)
+        "preprocessor_config.json": dict(
+            image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
+            do_convert_rgb=True, do_pad=config.image_fit == "pad", do_resize=True, resample=3,  # PIL bicubic
+            size=dict(shortest_edge=config.vision.image_size), do_center_crop=True,
+            crop_size=dict(height=config.vision.image_size, width=config.vision.image_size),
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=mean, image_std=std),
+        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token
+        # ("default"), one per feature the adapter writes into the text
+        "processor_config.json": dict(
+            processor_class="LlavaProcessor", image_token=placeholder, patch_size=config.vision.patch_size,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1),
+        "generation_config.json": dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                       pad_token_id=tokenizer.pad_id),
+    }
+    os.makedirs(folder, exist_ok=True)
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(chat_template)

@@ -17,7 +17,6 @@ model.py writes the image's features at those positions.
 """
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -562,64 +561,26 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             yield from batches[b][mine].tolist()
 
 
-# ----------------------------------------------------------------------------- PMC-VQA
-
-def pmc_vqa_to_records(csv_path):
-    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records.
-
-    The question shows the choices; the answer is the answer text; choices and label are kept
-    for closed-set scoring. Malformed rows are skipped and reported in one warning.
-    """
-    records, bad = [], []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
-            field = lambda name: (row.get(name) or "").strip()  # noqa: E731 (a missing cell is None)
-            choices = {}
-            for letter in "ABCD":
-                value = field(f"Choice {letter}")
-                if value:  # "A:text" or " A: text" -> "text"
-                    choices[letter] = value[2:].strip() if value[:2].upper() == f"{letter}:" else value
-            figure, question, answer, label = (field(k) for k in ("Figure_path", "Question", "Anwser", "Answer_label"))
-            if not (figure and question and answer) or label not in choices:
-                bad.append(f"row {row_number}: empty figure, question or answer, or label {label!r} not a choice")
-                continue
-            lines = "\n".join(f"{k}: {v}" for k, v in choices.items())
-            records.append({
-                "id": f"pmc_vqa_{row_number}", "image": figure,
-                "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}\n{lines}"},
-                                  {"from": "gpt", "value": answer}],
-                "choices": choices, "answer_label": label, "caption": (row.get("Caption") or "").strip()})
-    if bad:
-        warnings.warn(f"{csv_path}: skipped {len(bad)} malformed rows, e.g. {bad[0]}")
-    return records
-
-
 # ----------------------------------------------------------------------------- demo
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Show how a demo sample is rendered, or convert PMC-VQA.")
-    parser.add_argument("--pmc-vqa", nargs=2, metavar=("CSV", "OUT_JSON"), help="convert PMC-VQA to records")
+    parser = argparse.ArgumentParser(description="Show how a demo sample is rendered.")
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--style", default="paper", choices=("paper", "release"))
     args = parser.parse_args()
-    if args.pmc_vqa:
-        records = pmc_vqa_to_records(args.pmc_vqa[0])
-        Path(args.pmc_vqa[1]).write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-        print(f"wrote {len(records)} records to {args.pmc_vqa[1]}")
-    else:
-        tok = Tokenizer(SAMPLES / "tokenizer.model")
-        ds = ChiMedDataset(data_path=SAMPLES / f"stage{args.stage}.json", image_root=SAMPLES / "images",
-                           tokenizer=tok, stage=args.stage, style=args.style)
-        print(ds.report())
-        sample = ds[0]
-        print(f"id {sample['id']}: pixel_values {tuple(sample['pixel_values'].shape)}, "
-              f"{len(sample['input_ids'])} ids, image features included")
-        ids = sample["input_ids"].tolist()
-        for k, (i, label) in enumerate(zip(ids, sample["labels"].tolist())):
-            if i == IMAGE_TOKEN_INDEX and k and ids[k - 1] == IMAGE_TOKEN_INDEX:
-                continue  # one line for the image's run of feature positions
-            piece = f"<image> x{ids.count(IMAGE_TOKEN_INDEX)}" if i == IMAGE_TOKEN_INDEX else tok.sp.id_to_piece(i)
-            print(f"{i:6d} {piece!r:14} {'learned' if label != IGNORE_INDEX else ''}")
+    tok = Tokenizer(SAMPLES / "tokenizer.model")
+    ds = ChiMedDataset(data_path=SAMPLES / f"stage{args.stage}.json", image_root=SAMPLES / "images",
+                       tokenizer=tok, stage=args.stage, style=args.style)
+    print(ds.report())
+    sample = ds[0]
+    print(f"id {sample['id']}: pixel_values {tuple(sample['pixel_values'].shape)}, "
+          f"{len(sample['input_ids'])} ids, image features included")
+    ids = sample["input_ids"].tolist()
+    for k, (i, label) in enumerate(zip(ids, sample["labels"].tolist())):
+        if i == IMAGE_TOKEN_INDEX and k and ids[k - 1] == IMAGE_TOKEN_INDEX:
+            continue  # one line for the image's run of feature positions
+        piece = f"<image> x{ids.count(IMAGE_TOKEN_INDEX)}" if i == IMAGE_TOKEN_INDEX else tok.sp.id_to_piece(i)
+        print(f"{i:6d} {piece!r:14} {'learned' if label != IGNORE_INDEX else ''}")

@@ -568,6 +568,27 @@ def test_recall():
     assert chat.recall("anything", "。") is None
 
 
+def test_pmc_vqa_csv(tmp_path):
+    header = "Figure_path,Caption,Question,Choice A,Choice B,Choice C,Choice D,Anwser,Answer_label\n"
+    rows = [
+        'PMC1_fig1.jpg,An axial CT.,What modality is shown?,A:CT, B:MRI, C:X-ray, D:Ultrasound,CT,A\n',
+        'PMC2_fig2.jpg,Hepatomegaly.,Which organ is enlarged?, A: Spleen , B: Liver ,C:Kidney,D:Heart,Liver,B\n',
+        'PMC3_fig3.jpg,,,A:Heart,B:Lung,C:Bone,D:Brain,Heart,E\n',  # no question, label E
+        'PMC4_fig4.jpg,Truncated row\n',
+    ]
+    (tmp_path / "pmc.csv").write_text(header + "".join(rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 2 malformed rows"):
+        records = chat.pmc_vqa_to_records(tmp_path / "pmc.csv")
+    assert len(records) == 2
+    first, second = records
+    assert first["image"] == "PMC1_fig1.jpg" and first["answer_label"] == "A"
+    assert first["conversations"][0]["value"] == (
+        "<image>\nWhat modality is shown?\nA: CT\nB: MRI\nC: X-ray\nD: Ultrasound")
+    assert first["conversations"][1] == {"from": "gpt", "value": "CT"}
+    assert second["choices"] == {"A": "Spleen", "B": "Liver", "C": "Kidney", "D": "Heart"}
+    assert second["choices"][second["answer_label"]] == second["conversations"][1]["value"]
+
+
 def test_eval_batches_match_one_by_one_and_bad_images_are_counted(tmp_path, model_dir):
     records = json.loads((ROOT / "samples" / "stage2.json").read_text(encoding="utf-8"))
     chosen = [r for r in records if r["id"].startswith(("chest_xray", "head_ct"))][:3]

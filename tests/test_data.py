@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, STAGE_TEMPLATE, TEMPLATES,  # noqa: E402
                   ChiMedDataset, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageError, LengthGroupedSampler, Tokenizer,
                   TooManyImages, build_conversation, collate, expand_images,
-                  concat_images, load_image, pmc_vqa_to_records, preprocess_image, render, wrap_question)
+                  concat_images, load_image, preprocess_image, render, wrap_question)
 
 IMAGES = ROOT / "samples" / "images"
 SYSTEM = TEMPLATES["v1"]["system"]
@@ -672,26 +672,3 @@ def test_sampler_deterministic_per_epoch_and_groups_lengths():
     shuffled = np.random.default_rng(0).permutation(len(lengths))
     random = padding_share(lengths, [shuffled[i:i + 16] for i in range(0, len(lengths), 16)])
     assert grouped < 0.05 < random
-
-
-# ----------------------------------------------------------------------------- PMC-VQA
-
-def test_pmc_vqa_csv(tmp_path):
-    header = "Figure_path,Caption,Question,Choice A,Choice B,Choice C,Choice D,Anwser,Answer_label\n"
-    rows = [
-        'PMC1_fig1.jpg,An axial CT.,What modality is shown?,A:CT, B:MRI, C:X-ray, D:Ultrasound,CT,A\n',
-        'PMC2_fig2.jpg,Hepatomegaly.,Which organ is enlarged?, A: Spleen , B: Liver ,C:Kidney,D:Heart,Liver,B\n',
-        'PMC3_fig3.jpg,,,A:Heart,B:Lung,C:Bone,D:Brain,Heart,E\n',  # no question, label E
-        'PMC4_fig4.jpg,Truncated row\n',
-    ]
-    (tmp_path / "pmc.csv").write_text(header + "".join(rows), encoding="utf-8")
-    with pytest.warns(UserWarning, match="skipped 2 malformed rows"):
-        records = pmc_vqa_to_records(tmp_path / "pmc.csv")
-    assert len(records) == 2
-    first, second = records
-    assert first["image"] == "PMC1_fig1.jpg" and first["answer_label"] == "A"
-    assert first["conversations"][0]["value"] == (
-        "<image>\nWhat modality is shown?\nA: CT\nB: MRI\nC: X-ray\nD: Ultrasound")
-    assert first["conversations"][1] == gpt("CT")
-    assert second["choices"] == {"A": "Spleen", "B": "Liver", "C": "Kidney", "D": "Heart"}
-    assert second["choices"][second["answer_label"]] == second["conversations"][1]["value"]
