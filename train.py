@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config, save_weights
-from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, LengthGroupedSampler, Tokenizer, collate
+from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, Tokenizer, collate, length_grouped_batches
 import llama
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL, write_config
@@ -292,10 +292,7 @@ def epoch_batches(dataset, args, world, rank, epoch):
     (seed, epoch, rank), so a resumed run finds the same batches and skips those already trained.
     A last, partial accumulation is dropped."""
     dataset.set_epoch(epoch)  # paper style: fresh prompts each epoch (data.py)
-    sampler = LengthGroupedSampler(dataset.lengths, args.batch_size, world, rank, args.seed)
-    sampler.set_epoch(epoch)
-    order, n = list(sampler), args.batch_size
-    batches = [order[i:i + n] for i in range(0, len(order) - n + 1, n)]
+    batches = length_grouped_batches(dataset.lengths, args.batch_size, world, rank, args.seed, epoch)
     return batches[:len(batches) // args.grad_accum * args.grad_accum]
 
 

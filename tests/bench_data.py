@@ -1,5 +1,5 @@
 """Figures for the data pipeline: preprocessing throughput on one core, and the share of padding
-per batch with LengthGroupedSampler against random batches. Run: python tests/bench_data.py"""
+per batch with length_grouped_batches against random batches. Run: python tests/bench_data.py"""
 
 import sys
 import time
@@ -11,8 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import (ALIGNMENT_PROMPTS, INSTRUCTION_PROMPTS, LengthGroupedSampler, Tokenizer,  # noqa: E402
-                  concat_images, load_image, preprocess_image, render)
+from data import (ALIGNMENT_PROMPTS, INSTRUCTION_PROMPTS, Tokenizer, concat_images,  # noqa: E402
+                  length_grouped_batches, load_image, preprocess_image, render)
 
 IMAGES = ROOT / "samples" / "images"
 BATCH, RANKS, IMAGE_TOKENS, MAX_LENGTH = 16, 8, 576, 2048
@@ -48,12 +48,9 @@ def padding_share(lengths, order):
 
 
 def padding(name, lengths):
-    grouped = []
-    for rank in range(RANKS):
-        sampler = LengthGroupedSampler(lengths, BATCH, num_replicas=RANKS, rank=rank, seed=0)
-        sampler.set_epoch(0)
-        grouped.append(list(sampler))
-    grouped_share = padding_share(lengths, np.concatenate(grouped))
+    grouped = [i for rank in range(RANKS) for batch in length_grouped_batches(lengths, BATCH, RANKS, rank, 0, 0)
+               for i in batch]
+    grouped_share = padding_share(lengths, grouped)
     shuffled = np.random.default_rng(0).permutation(len(lengths))
     shuffled = shuffled[:len(shuffled) // BATCH * BATCH]
     random_share = padding_share(lengths, shuffled)

@@ -1,6 +1,7 @@
 """Tests for data.py on real images and a real LLaMA-style tokenizer (CPU, a few seconds)."""
 
 import json
+import math
 import re
 import struct
 import sys
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import (ALIGNMENT_PROMPTS, CLIP_MEAN, CLIP_STD, INSTRUCTION_PROMPTS, STAGE_TEMPLATE, TEMPLATES,  # noqa: E402
-                  ChiMedDataset, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageError, LengthGroupedSampler, Tokenizer,
-                  TooManyImages, build_conversation, collate, expand_images,
+                  ChiMedDataset, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ImageError, Tokenizer,
+                  TooManyImages, build_conversation, collate, expand_images, length_grouped_batches,
                   concat_images, load_image, preprocess_image, render, wrap_question)
 
 IMAGES = ROOT / "samples" / "images"
@@ -626,7 +627,7 @@ def test_collate_pads_right_and_finds_positions_on_the_cpu(demo_tok):
     assert batch["n_dropped"] == 0
 
 
-# ----------------------------------------------------------------------------- sampler
+# ----------------------------------------------------------------------------- length-grouped batches
 
 def padding_share(lengths, batches):
     lengths = np.asarray(lengths)
@@ -635,39 +636,57 @@ def padding_share(lengths, batches):
     return 1 - real / padded
 
 
-def rank_batches(sampler, batch_size):
-    order = list(sampler)
-    assert len(order) == len(sampler)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def sampler_order(lengths, batch_size, num_replicas, rank, seed, epoch, mega_batch_mult=50):
+    """The order the former LengthGroupedSampler(...).__iter__ gave, verbatim: the batches a resumed
+    run skips must stay the same ones, so length_grouped_batches must reproduce it exactly."""
+    lengths, global_batch = np.asarray(lengths), batch_size * num_replicas
+    total = math.ceil(len(lengths) / global_batch) * global_batch
+    rng = np.random.default_rng([seed, epoch])
+    order = np.resize(rng.permutation(len(lengths)), total)
+    mega = global_batch * mega_batch_mult
+    batches = []
+    for start in range(0, total, mega):
+        chunk = order[start:start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    for b in rng.permutation(len(batches)):
+        yield from batches[b][mine].tolist()
+
+
+@pytest.mark.parametrize("n,batch_size,num_replicas", [(1, 4, 1), (37, 4, 3), (5000, 16, 4), (9001, 2, 8)])
+def test_length_grouped_batches_keep_the_sampler_order(n, batch_size, num_replicas):
+    lengths = np.random.default_rng(n).integers(1, 2048, n)
+    for rank in range(num_replicas):
+        for seed, epoch in ((0, 0), (3, 2)):
+            batches = length_grouped_batches(lengths, batch_size, num_replicas, rank, seed, epoch)
+            assert all(len(b) == batch_size for b in batches)
+            assert [i for b in batches for i in b] == list(sampler_order(lengths, batch_size, num_replicas,
+                                                                         rank, seed, epoch))
 
 
 @pytest.mark.parametrize("n", [6400, 6403])
-def test_sampler_covers_every_index_once(n):
+def test_length_grouped_batches_cover_every_index_once(n):
     lengths = np.random.default_rng(0).lognormal(np.log(650), 0.3, n).astype(int)
     seen = Counter()
     for rank in range(8):
-        s = LengthGroupedSampler(lengths, 16, num_replicas=8, rank=rank, seed=3)
-        s.set_epoch(2)
-        seen.update(list(s))
+        seen.update(i for b in length_grouped_batches(lengths, 16, 8, rank, seed=3, epoch=2) for i in b)
     assert set(seen) == set(range(n))
     assert sum(seen.values()) - n == (-n) % 128  # only what the last global batch needs is repeated
     assert max(seen.values()) <= 2
 
 
-def test_sampler_deterministic_per_epoch_and_groups_lengths():
+def test_length_grouped_batches_deterministic_per_epoch_and_grouped():
     lengths = np.random.default_rng(1).lognormal(np.log(1000), 0.5, 5000).astype(int)
 
-    def order(epoch, seed=0):
-        s = LengthGroupedSampler(lengths, 16, num_replicas=4, rank=1, seed=seed)
-        s.set_epoch(epoch)
-        return list(s)
+    def batches(epoch, seed=0):
+        return length_grouped_batches(lengths, 16, num_replicas=4, rank=1, seed=seed, epoch=epoch)
 
-    assert order(0) == order(0) and order(1) == order(1)
-    assert order(0) != order(1) and order(0, seed=1) != order(0)
-    s = LengthGroupedSampler(lengths, 16, num_replicas=4, rank=1)
-    batches = rank_batches(s, 16)
-    grouped = padding_share(lengths, batches)
-    maxima = [lengths[b].max() for b in batches]
+    assert batches(0) == batches(0) and batches(1) == batches(1)
+    assert batches(0) != batches(1) and batches(0, seed=1) != batches(0)
+    assert all(len(b) == 16 for b in batches(0)) and len(batches(0)) == 5000 // 64 + 1
+    grouped = padding_share(lengths, batches(0))
+    maxima = [lengths[b].max() for b in batches(0)]
     assert maxima[:40] != sorted(maxima[:40], reverse=True)  # batches are shuffled, not longest first
     shuffled = np.random.default_rng(0).permutation(len(lengths))
     random = padding_share(lengths, [shuffled[i:i + 16] for i in range(0, len(lengths), 16)])
