@@ -402,9 +402,10 @@ def hf_generate(model, ids, pixels, n_new, limit, dtype, device):
     return out[0, -n_new:].tolist()
 
 
-# ChiMed-VL (paper section 3): samples, positions per sample with the 576 image features in, and
-# learned tokens per sample (stage 1: a ~75-token caption after the prompt; stage 2: a ~22-token answer)
-CHIMED_VL = {1: (580_014, 700, 75), 2: (469_441, 680, 22)}
+# ChiMed-VL (paper section 3): samples, median positions per sample with the 576 image features
+# and the prompt in, and learned tokens per sample (stage 1: the ~435-token context text; stage 2:
+# a ~22-token answer); tests/bench_data.py draws the same lengths
+CHIMED_VL = {1: (580_014, 1073, 435), 2: (469_441, 675, 22)}
 
 
 def whole_run_estimate(mfu, gpus=8, peak=312):
