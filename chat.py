@@ -1,30 +1,24 @@
-"""Talk to Qilin-Med-VL about a medical image, or answer a whole evaluation file.
-
-Inference for the model of paper section 4.1: the image (several are concatenated into one, as in
-section 3.3) becomes 576 features in front of the question, and the LLM writes the answer token by
-token. The prompt is rendered by data.py exactly as training rendered it (the paper's instruction
-prompt, or LLaVA's `v1` template for the released weights), so the model sees what it learned on.
+"""Talk to Qilin-Med-VL about medical images, or score it on a VQA file: the inference of paper section 4.1
+(images concatenated into one as in section 3.3, prompts rendered by data.py exactly as training rendered them).
+Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row, greedy at
+temperature 0, else top-p. Batches are left-padded, so every row's next token is in the last column.
 
     python chat.py samples/images/chest_xray.png --demo            interactive, streamed
     python chat.py IMAGE --model DIR --question "这是什么影像？"   one answer on stdout
     python chat.py --eval test.jsonl --model DIR --out answers.jsonl   batched scoring
-
-Decoding: one prefill over the prompt fills a static KV cache (llama.py), then each step feeds one
-token. Greedy at temperature 0, else top-p sampling. Batches are left-padded so every row's next
-token sits in the same last column. Scoring follows medical VQA practice: closed questions by
-accuracy (multiple choice; yes/no by whole words, so "normal" is not "no"), open ones by recall.
 """
 
 import argparse
 import csv
 import functools
+import itertools
 import json
 import os
 import re
 import shlex
 import sys
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -38,8 +32,6 @@ from model import QilinMedVL
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
 
 
-# ----------------------------------------------------------------------------- loading
-
 def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
     """Any layout QilinMedVL.from_pretrained knows, plus the tokenizer.model that must sit beside it."""
     if not os.path.isdir(folder):
@@ -50,8 +42,7 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
                               f"a stage-2 model. Stage 1's output is for train.py --stage 2 --stage1-output {folder}")
     tokenizer_path = os.path.join(folder, "tokenizer.model")
     if not os.path.isfile(tokenizer_path):
-        raise CheckpointError(f"{folder}: no tokenizer.model (copy the LLM's SentencePiece tokenizer.model "
-                              f"into the model folder)")
+        raise CheckpointError(f"{folder}: no tokenizer.model (copy the LLM's SentencePiece tokenizer.model into it)")
     model = QilinMedVL.from_pretrained(folder, vision_path=vision, dtype=dtype, device=device).eval()
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.llm.vocab_size:
@@ -66,17 +57,10 @@ def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS):
 
 
 def prompt_ids(turns, tokenizer, style, has_image=True):
-    """Dialog turns, ending with the user's question -> the ids training would have rendered.
-
-    build_conversation on a record made of the dialog does what training did: `release` puts
-    `<image>\\n` before the first question; `paper` wraps each question in instruction prompt 0,
-    and only the first one carries the image."""
+    """Dialog turns, ending with the user's question -> the ids training would have rendered for them."""
     record = {"image": "image" if has_image else None, "conversations": turns}
-    ids, _ = render(build_conversation(record, 2, style), tokenizer, STAGE_TEMPLATE[(2, style)])
-    return ids
+    return render(build_conversation(record, 2, style), tokenizer, STAGE_TEMPLATE[(2, style)])[0]  # (ids, labels)
 
-
-# ----------------------------------------------------------------------------- decoding
 
 def sample(logits, temperature, top_p, rng):
     """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else top-p sampling."""
@@ -92,11 +76,9 @@ def sample(logits, temperature, top_p, rng):
 
 @functools.cache
 def compiled(llm):
-    """The LLM compiled for one decode step (gpt-fast's recipe). A decode step has the same shapes
-    every time (one token per row, the whole static cache, the slot passed as a tensor), so
-    mode="reduce-overhead" captures its ~1,000 kernel launches as one CUDA graph and replays it:
-    at batch 1 the launches, not the GPU, are what limit an eager step. Compiled once per model
-    (and again for a cache of another size); on the CPU the matmuls dominate and it pays little."""
+    """One decode step compiled (gpt-fast's recipe): every step has the same shapes (one token per row, the static
+    cache, the slot as a tensor), so mode="reduce-overhead" replays its ~1,000 kernel launches, which limit an eager
+    step at batch 1, as one CUDA graph. Once per model and cache size; on the CPU the matmuls dominate: little gain."""
     return torch.compile(llm, mode="reduce-overhead", fullgraph=True)
 
 
@@ -104,11 +86,8 @@ def compiled(llm):
 def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None,
              compile=False):
     """Yield the next token of every row, (B,) per step, until all rows have ended or max_new_tokens.
-
-    prompts: B lists of ids as data.render writes them (IMAGE_TOKEN_INDEX once per image);
-    pixel_values: (N, 3, S, S) for the placeholders in row order, or None. A row that has produced
-    eos_id keeps getting eos_id. compile: decode with the compiled step (see `compiled`).
-    """
+    prompts: B lists of ids from data.render (IMAGE_TOKEN_INDEX once per image); pixel_values:
+    (N, 3, S, S) for those placeholders in row order, or None. An ended row keeps getting eos_id."""
     llm, device = model.llm, model.llm.lm_head.weight.device
     prompts = [expand_images(p, model.num_image_tokens) for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -152,9 +131,8 @@ def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampl
 
 
 class TextStream:
-    """Ids in, new text out, never half a character: byte-fallback pieces (<0xE8><0x83><0xB8>)
-    make one character only together. Decoding all ids so far and holding back a trailing
-    U+FFFD (an incomplete UTF-8 sequence) keeps every chunk whole."""
+    """Ids in, new text out, never half a character: byte-fallback pieces (<0xE8><0x83><0xB8>) make
+    one only together, so all ids so far are decoded and a trailing U+FFFD (incomplete) held back."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
@@ -194,8 +172,6 @@ def answer(model, tokenizer, turns, pixels, args, rng):
     return stream.text
 
 
-# ----------------------------------------------------------------------------- chat
-
 HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
 /help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
@@ -211,9 +187,7 @@ def chat(model, tokenizer, pixels, args, rng):
             print()
             return
         command, _, rest = line.partition(" ")
-        if not line:
-            continue
-        elif command == "/quit":
+        if command == "/quit":
             return
         elif command == "/help":
             print(HELP)
@@ -231,48 +205,36 @@ def chat(model, tokenizer, pixels, args, rng):
                 print(f"error: {e}", file=sys.stderr)
         elif command.startswith("/"):
             print(f"unknown command {command}. {HELP}")
-        else:
-            turns.append({"from": "human", "value": line})
+        elif line:
+            question = {"from": "human", "value": line}
             try:
-                reply = answer(model, tokenizer, turns, pixels, args, rng)
-                if reply is None:  # the dialog has outgrown the context
-                    print("(/reset starts a new dialog)")
+                reply = answer(model, tokenizer, turns + [question], pixels, args, rng)
             except KeyboardInterrupt:  # stop this answer only; a cut-off answer is not kept as history
                 print(" [stopped]", flush=True)
-                reply = None
-            if reply is None:
-                turns.pop()
+                continue
+            if reply is None:  # the dialog has outgrown the context
+                print("(/reset starts a new dialog)")
             else:
-                turns.append({"from": "gpt", "value": reply})
+                turns += [question, {"from": "gpt", "value": reply}]
 
-
-# ----------------------------------------------------------------------------- evaluation
 
 def pmc_vqa_to_records(csv_path):
-    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records.
-
-    The question shows the choices; the answer is the answer text; choices and label are kept
-    for closed-set scoring. Malformed rows are skipped and reported in one warning.
-    """
+    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records whose
+    question lists the choices, keeping choices and label for scoring; bad rows are skipped with a warning."""
     records, bad = [], []
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
-            field = lambda name: (row.get(name) or "").strip()  # noqa: E731 (a missing cell is None)
-            choices = {}
-            for letter in "ABCD":
-                value = field(f"Choice {letter}")
-                if value:  # "A:text" or " A: text" -> "text"
-                    choices[letter] = value[2:].strip() if value[:2].upper() == f"{letter}:" else value
-            figure, question, answer, label = (field(k) for k in ("Figure_path", "Question", "Anwser", "Answer_label"))
+            cell = defaultdict(str, {k: (v or "").strip() for k, v in row.items() if k})  # a missing cell is None
+            choices = {x: re.sub(rf"^{x}:\s*", "", cell[f"Choice {x}"], flags=re.I)  # "A: text" -> "text"
+                       for x in "ABCD" if cell[f"Choice {x}"]}
+            figure, question, answer, label = (cell[k] for k in ("Figure_path", "Question", "Anwser", "Answer_label"))
             if not (figure and question and answer) or label not in choices:
                 bad.append(f"row {row_number}: empty figure, question or answer, or label {label!r} not a choice")
                 continue
             lines = "\n".join(f"{k}: {v}" for k, v in choices.items())
-            records.append({
-                "id": f"pmc_vqa_{row_number}", "image": figure,
-                "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}\n{lines}"},
-                                  {"from": "gpt", "value": answer}],
-                "choices": choices, "answer_label": label, "caption": (row.get("Caption") or "").strip()})
+            records.append({"id": f"pmc_vqa_{row_number}", "image": figure, "choices": choices, "answer_label": label,
+                            "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}\n{lines}"},
+                                              {"from": "gpt", "value": answer}], "caption": cell["Caption"]})
     if bad:
         warnings.warn(f"{csv_path}: skipped {len(bad)} malformed rows, e.g. {bad[0]}")
     return records
@@ -282,21 +244,13 @@ YES, NO = ("yes", "是", "是的", "对", "有"), ("no", "否", "不是", "不�
 
 
 def yes_no(text, strict=True):
-    """'yes', 'no' or None, by whole words: "No, ..." is no, "normal" is not (LLaVA-Med's bug).
-
-    strict (for reference answers): the first clause must be exactly a yes/no word.
-    Otherwise (for predictions) a clause starting with one counts too, then a lone English
-    "yes" or "no" anywhere ("There is no fracture")."""
+    """'yes', 'no' or None by whole words: "No, ..." is no, "normal" is not (LLaVA-Med's bug). strict (references):
+    a first clause that is a yes/no word; else (predictions) one starting so, or a lone "yes"/"no" anywhere."""
     clause = re.split(r"[\s,.;:!?，。；：！？、]", text.strip().lower(), maxsplit=1)[0]
     for word in NO + YES:  # negatives first: "不是" starts with "不", not "是"
-        if clause == word:
+        if clause == word or (not strict and not word.isascii() and clause.startswith(word)):
             return "no" if word in NO else "yes"
-    if strict:
-        return None
-    for word in NO + YES:
-        if not word.isascii() and clause.startswith(word):
-            return "no" if word in NO else "yes"
-    found = set(re.findall(r"\b(yes|no)\b", text.lower()))
+    found = set() if strict else set(re.findall(r"\b(yes|no)\b", text.lower()))
     return found.pop() if len(found) == 1 else None
 
 
@@ -311,26 +265,18 @@ def choice_letter(prediction, choices):
     m = LEADING_LETTER.match(text) or STATED_LETTER.search(text)
     if m and m.group(1) in choices:
         return m.group(1)
-    hits = sorted((len(v), k) for k, v in choices.items() if v and v.lower() in text.lower())
-    if hits and (len(hits) == 1 or hits[-1][0] > hits[-2][0]):  # the longest if one choice contains another
-        return hits[-1][1]
-    return None
-
-
-def words(text):
-    """Recall tokens: lower-case Latin words and numbers; each CJK character on its own."""
-    return re.findall(r"[0-9a-z\u00c0-\u024f]+|[^\W_]", text.lower())
+    hits = sorted((len(v), k) for k, v in choices.items() if v and v.lower() in text.lower())  # the longest wins
+    return hits[-1][1] if hits and (len(hits) == 1 or hits[-1][0] > hits[-2][0]) else None
 
 
 def recall(prediction, reference):
-    """Share of the reference's tokens (with multiplicity) that the prediction contains."""
-    ref = Counter(words(reference))
-    return sum((ref & Counter(words(prediction))).values()) / sum(ref.values()) if ref else None
+    """Share of the reference's tokens (Latin words, numbers, single CJK characters) the prediction contains."""
+    ref, pred = (Counter(re.findall(r"[0-9a-z\u00c0-\u024f]+|[^\W_]", t.lower())) for t in (reference, prediction))
+    return sum((ref & pred).values()) / sum(ref.values()) if ref else None
 
 
 def score(prediction, reference, record, turn):
-    """(kind, result): a multiple-choice first turn by its letter, a yes/no reference by yes or no,
-    anything else by recall."""
+    """(kind, result): a multiple-choice first turn by its letter, a yes/no reference by yes or no, else recall."""
     if turn == 0 and record.get("choices") and record.get("answer_label"):
         return "multiple_choice", {"correct": choice_letter(prediction, record["choices"]) == record["answer_label"]}
     if yes_no(reference) is not None:
@@ -342,9 +288,8 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
     """One record's questions: each assistant turn, with the reference dialog before it as history.
     A record that cannot be used gives none, and `skipped` counts why."""
     try:
-        turns, files = record["conversations"], image_files(record)
-        paths = [os.path.join(image_root, f) for f in files]
-        pixels = load_pixels(paths, model, args.max_image_pixels) if files else None
+        turns, paths = record["conversations"], [os.path.join(image_root, f) for f in image_files(record)]
+        pixels = load_pixels(paths, model, args.max_image_pixels) if paths else None
         questions = []
         for k in range(1, len(turns), 2):
             prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
@@ -366,9 +311,8 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
 
 
 def answer_batch(model, tokenizer, batch, args, rng):
-    """The answers to a batch of questions, decoded together (left-padded). The batch decodes for the
-    largest room and each answer is cut to its own (positions are per row, so the longer cache
-    changes nothing for a short prompt)."""
+    """A batch of questions decoded together for the largest room, each answer cut to its own (positions
+    are per row, so the longer cache changes nothing for a short prompt)."""
     prompts, pixels = [q["prompt"] for q in batch], [q["pixels"] for q in batch if q["pixels"] is not None]
     answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, max(q["room"] for q in batch),
                              tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p, rng=rng,
@@ -378,35 +322,32 @@ def answer_batch(model, tokenizer, batch, args, rng):
 
 def evaluate(model, tokenizer, args, rng):
     """Answer every assistant turn of every record, batch_size questions at a time as the records are
-    read; write one JSON line per answer; return the metrics."""
+    read (so only one batch of images is in memory); write one JSON line per answer, then the metrics."""
     records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
-    skipped, results, pending = Counter(), [], []
+    skipped, results = Counter(), []
+    # the progress bar only in a terminal (disable=None), so that a log holds the results and errors alone
+    progress = tqdm(records, desc="evaluating", unit="record", file=sys.stderr, disable=None)
+    questions = (q for r in progress for q in record_questions(r, model, tokenizer, image_root, args, skipped))
     with open(args.out, "w", encoding="utf-8") as out:
-        # the progress bar only in a terminal (disable=None), so that a log holds the results and errors alone
-        for i, record in enumerate(tqdm(records, desc="evaluating", unit="record", file=sys.stderr, disable=None)):
-            pending += record_questions(record, model, tokenizer, image_root, args, skipped)
-            while len(pending) >= args.batch_size or (pending and i == len(records) - 1):  # the rest at the end
-                batch, pending = pending[:args.batch_size], pending[args.batch_size:]
-                for q, prediction in zip(batch, answer_batch(model, tokenizer, batch, args, rng)):
-                    kind, result = score(prediction, q["reference"], q["record"], q["turn"])
-                    row = dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
-                               reference=q["reference"], prediction=prediction, kind=kind, **result)
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    results.append(row)
+        while batch := list(itertools.islice(questions, args.batch_size)):  # reads records as far as this batch needs
+            for q, prediction in zip(batch, answer_batch(model, tokenizer, batch, args, rng)):
+                kind, result = score(prediction, q["reference"], q["record"], q["turn"])
+                results.append(dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
+                                    reference=q["reference"], prediction=prediction, kind=kind, **result))
+                out.write(json.dumps(results[-1], ensure_ascii=False) + "\n")
     if not results:  # rather than a table of dashes: why, and what to change
         raise ValueError(nothing_answered(args.eval, len(records), skipped, image_root))
-    return metrics(results, len(records), skipped)
+    report(results, len(records), skipped, args.out)
 
 
 def nothing_answered(path, n_records, skipped, image_root):
     """Why an evaluation gave no answer, by its most common skip, and what to change."""
-    reason = skipped.most_common(1)[0][0] if skipped else None
     hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
             "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
             "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
             "answers_over_context": "the questions with the image's features are longer than the model's context",
-            }.get(reason, "no record has a gpt turn to answer")
+            }.get(skipped.most_common(1)[0][0] if skipped else None, "no record has a gpt turn to answer")
     counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
     return f"{path}: no answers from {n_records} records (skipped: {counts}); {hint}"
 
@@ -415,25 +356,22 @@ METRICS = {"multiple_choice_accuracy": ("multiple_choice", "correct"), "yes_no_a
            "open_recall": ("open", "recall")}  # name: (kind of answer, the result field it averages)
 
 
-def metrics(results, n_records, skipped):
+def report(results, n_records, skipped, out):
+    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
     m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
+    print(f"{'metric':<28}{'n':>7}{'value':>9}")
     for name, (kind, field) in METRICS.items():
         values = [r[field] for r in results if r["kind"] == kind]
         known = [v for v in values if v is not None]  # a reference without words has no recall
-        m[name] = {"n": len(values), "value": sum(known) / len(known) if known else None}
-    return m
+        value = sum(known) / len(known) if known else None
+        m[name] = {"n": len(values), "value": value}
+        print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
+    counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
+    print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
+    path = str(Path(out).with_suffix("")) + ".metrics.json"
+    Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
+    print(f"wrote {out} and {path}")
 
-
-def print_metrics(m):
-    print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name in METRICS:
-        value = m[name]["value"]
-        print(f"{name:<28}{m[name]['n']:>7}{'-' if value is None else f'{value:.3f}':>9}")
-    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
-    print(f"{m['answers']} answers from {m['records']} records; skipped: {skipped}")
-
-
-# ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
@@ -442,9 +380,8 @@ def main(argv=None):
     p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
     p.add_argument("--demo", action="store_true", help=f"use the demo model, --model {DEMO_MODEL}")
     p.add_argument("--question", help="answer this one question, print only the answer, and exit")
-    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
-                   help="refuse images larger than this, judged by their header (default 2**30, about a gigapixel: "
-                        "whole-slide tiles and large scans pass, decompression bombs do not)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N", help="refuse larger images, "
+                   "judged by the header (default 2**30, about a gigapixel: slides pass, decompression bombs do not)")
     p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
     p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
     p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
@@ -454,51 +391,37 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default 512 or what fits the context)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="default bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else float32")
     p.add_argument("--seed", type=int, help="seed for sampling (default: a random one)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="decode with a compiled, graph-captured step (default: on with CUDA, where it is ~2x faster; "
-                        "off on the CPU, where the first answer would wait for the compiler for little gain)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="decode with a compiled, graph-captured "
+                   "step (default: on with CUDA, ~2x faster; off on CPU: a slower first answer for little gain)")
     args = p.parse_args(argv)
     args.model = DEMO_MODEL if args.demo else args.model
-    if not args.model:
-        p.error("give --model DIR (or --demo)")
-    if not args.eval and not args.images:
-        p.error("give an image (or --eval FILE)")
-    if args.question is not None and not args.question.strip():
-        p.error("--question is empty")
-    if args.max_image_pixels < 1:
-        p.error(f"--max-image-pixels must be at least 1, not {args.max_image_pixels}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, not {args.batch_size}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be above 0 and at most 1, not {args.top_p}")
-    if args.temperature is not None and not args.temperature >= 0:
-        p.error(f"--temperature must be 0 (greedy) or above, not {args.temperature}")
+    for bad, message in (  # the first that fails, before anything loads
+            (not args.model, "give --model DIR (or --demo)"),
+            (not args.eval and not args.images, "give an image (or --eval FILE)"),
+            (args.question is not None and not args.question.strip(), "--question is empty"),
+            (args.max_image_pixels < 1, f"--max-image-pixels must be at least 1, not {args.max_image_pixels}"),
+            (args.max_new_tokens is not None and args.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+            (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}"),
+            (not 0 < args.top_p <= 1, f"--top-p must be above 0 and at most 1, not {args.top_p}"),
+            (not (args.temperature or 0) >= 0, f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
+        if bad:
+            p.error(message)
     if args.temperature is None:
         args.temperature = 0.0 if (args.eval or args.question is not None) else 0.2
-    if args.compile is None:
-        args.compile = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    cuda = args.device.startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     try:
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    if args.seed is not None:
-        rng.manual_seed(args.seed)
-    else:
-        rng.seed()
+    rng.seed() if args.seed is None else rng.manual_seed(args.seed)
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
         if args.eval:
-            m = evaluate(model, tokenizer, args, rng)
-            print_metrics(m)
-            metrics_path = str(Path(args.out).with_suffix("")) + ".metrics.json"
-            Path(metrics_path).write_text(json.dumps(m, indent=2), encoding="utf-8")
-            print(f"wrote {args.out} and {metrics_path}")
+            evaluate(model, tokenizer, args, rng)
             return 0
         pixels = load_pixels(args.images, model, args.max_image_pixels)
         if args.question is not None:
