@@ -405,7 +405,8 @@ def main(argv=None):
             (args.max_new_tokens is not None and args.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
             (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}"),
             (not 0 < args.top_p <= 1, f"--top-p must be above 0 and at most 1, not {args.top_p}"),
-            (not (args.temperature or 0) >= 0, f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
+            (not (args.temperature is None or args.temperature >= 0),
+             f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
         if bad:
             p.error(message)
     if args.temperature is None:
@@ -417,7 +418,10 @@ def main(argv=None):
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    rng.seed() if args.seed is None else rng.manual_seed(args.seed)
+    if args.seed is None:
+        rng.seed()
+    else:
+        rng.manual_seed(args.seed)
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
         if args.eval:
