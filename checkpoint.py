@@ -223,6 +223,22 @@ def write_config(folder, config, tokenizer=None):
         shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
 
 
+def write_output(folder, write):
+    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a
+    temporary folder beside it, then each file is renamed into place (atomic on one filesystem),
+    config.json last. Loaders start from config.json, so until then nothing loads."""
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config.json last
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+
+
 # ----------------------------------------------------------------------------- the whole model's layouts
 # Qilin-Med-VL (paper section 4.1: vision tower, adapter, LLM) comes in four kinds of folder:
 #

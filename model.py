@@ -211,6 +211,15 @@ class QilinMedVL(nn.Module):
         write_projector(folder, self.projector.state_dict(),
                         dict(self.config.to_dict(), model_type="qilin_med_vl_projector", **towers), tokenizer)
 
+    def save_towers(self, folder, tokenizer=None):
+        """The vision tower and the LLM as Hugging Face folders, folder/vision and folder/llm, laid out as
+        the official ones: the demo's random towers then load exactly as the real CLIP and LLaMA do."""
+        save_weights({f"vision_model.{k}": v for k, v in self.vision.state_dict().items()}, os.path.join(folder, "vision"))
+        save_weights({(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in self.llm.state_dict().items()},
+                     os.path.join(folder, "llm"))
+        write_config(os.path.join(folder, "vision"), self.config.vision.to_hf_config())
+        write_config(os.path.join(folder, "llm"), self.config.llm.to_hf_config(), tokenizer)
+
     def export_llava_hf(self, folder, tokenizer=None):
         """transformers' llava-hf layout (LlavaForConditionalGeneration), to serve a trained model
         with transformers or vLLM; with the SentencePiece `tokenizer` (its tokenizer.model) also the

@@ -1,35 +1,15 @@
 """Train Qilin-Med-VL in two stages with DeepSpeed (paper section 4.2, hyperparameters section 5.2).
 
-  stage 1, feature alignment: vision tower and LLM frozen, the adapter learns to map image
-           features into the LLM's embedding space from image-caption pairs. ZeRO-2.
-  stage 2, instruction tuning: vision tower frozen, adapter and LLM learn to answer questions
-           about images. ZeRO-3 (13B weights, gradients and Adam states split over the GPUs).
+Stage 1, feature alignment (ZeRO-2): only the adapter learns, from image-caption pairs. Stage 2,
+instruction tuning (ZeRO-3): the adapter and the LLM learn to answer questions about images. The
+vision tower never trains. One node of 8 GPUs (the README has several nodes and the CPU demo):
 
-Defaults are the paper's: 1 epoch, AdamW with weight decay 0, warmup for 3% of the steps then
-cosine to 0, max length 2048, bf16 with tf32 matmuls, gradient checkpointing; stage 1 batch 32 per
-GPU at lr 1e-3, stage 2 batch 16 per GPU at lr 2e-5 (8 x A100 80G). One node of 8 GPUs:
-
-    torchrun --nproc_per_node 8 train.py --stage 1 \\
-        --vision weights/clip-vit-large-patch14-336 --llm weights/Chinese-LLaMA2-13B-Chat \\
-        --data data/ChiMed-VL-Alignment.json --image-root data/images --output runs/stage1
+    torchrun --nproc_per_node 8 train.py --stage 1 --vision weights/clip-vit-large-patch14-336 \\
+        --llm weights/Chinese-LLaMA2-13B-Chat --data data/ChiMed-VL-Alignment.json --image-root data/images --output runs/stage1
     torchrun --nproc_per_node 8 train.py --stage 2 --stage1-output runs/stage1 \\
         --data data/ChiMed-VL-Instruction.json --image-root data/images --output runs/stage2
 
-Stage 2 takes the towers from the paths stage 1 recorded. Several nodes: the same command on each
-node with torchrun's --nnodes/--node_rank/--master_addr (or --rdzv_endpoint), and --output on a
-shared filesystem, since every rank writes its part of each checkpoint. DeepSpeed's own launcher
-works too (`deepspeed --num_gpus 8 train.py ...`). The demo trains tiny random towers on the
-bundled samples on a CPU:
-
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 train.py --demo --stage 1
-
-The output folder holds metrics.jsonl (one line per step), args.json, checkpoints/ (every
---save-every steps; --resume continues from the latest after a crash, a kill or Ctrl-C) and, at
-the end, the model: stage 1 the adapter, stage 2 the whole model, which
-`QilinMedVL.from_pretrained(folder)` and chat.py load.
-
-Reading order: `main` (setup, the loop, the save) at the bottom; `train_step` is one optimizer
-step; everything else is a named helper that `main` calls.
+Reading order: `main` at the bottom (setup, the loop, the save); `train_step` is one optimizer step.
 """
 
 import argparse
@@ -53,11 +33,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, read_config, save_weights
+from checkpoint import CheckpointError, read_config, write_output
 from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, Tokenizer, collate, length_grouped_batches
 import llama
 from llama import LlamaArgs
-from model import QilinConfig, QilinMedVL, write_config
+from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
 
 # Paper section 5.2, per stage; --demo replaces them with values that train a tiny model on a CPU.
@@ -88,9 +68,8 @@ def arg_parser():
                                 epilog=f"\n--demo defaults (data and images from samples/):\n{demo}\n{EPILOG}")
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: train the adapter (feature alignment); 2: the adapter and the LLM (instruction tuning)")
-    p.add_argument("--demo", action="store_true",
-                   help="tiny random towers, the demo tokenizer and samples/ data, CPU-sized defaults "
-                        "(any flag given explicitly still wins)")
+    p.add_argument("--demo", action="store_true", help="tiny random towers, the demo tokenizer and samples/ data, "
+                   "CPU-sized defaults (any flag given explicitly still wins)")
     g = p.add_argument_group("model and data")
     g.add_argument("--vision", help="CLIP ViT-L/14-336 folder (config.json + weights); stage 2: default from stage 1")
     g.add_argument("--llm", help="LLaMA-2 folder (config.json, weights, tokenizer.model); stage 2: default from stage 1")
@@ -98,58 +77,54 @@ def arg_parser():
     g.add_argument("--data", help="LLaVA-format JSON or JSONL file of samples")
     g.add_argument("--image-root", help="folder the samples' image paths are relative to")
     g.add_argument("--output", help="run folder: metrics, checkpoints and the trained model")
-    g.add_argument("--style", choices=("paper", "release"),
-                   help="paper: the paper's prompts in the v1 template; release: LLaVA's plain (stage 1) and v1 "
-                        "(default paper; stage 2: what stage 1 used)")
-    g.add_argument("--projector", choices=("linear", "mlp2x_gelu"),
-                   help="adapter: the paper's linear layer or the release's 2-layer MLP (default linear; stage 2: stage 1's)")
-    g.add_argument("--image-fit", choices=("pad", "crop"),
-                   help="pad to a square or center-crop (default: crop in stage 1, pad in stage 2, as the release)")
+    g.add_argument("--style", choices=("paper", "release"), help="paper: the paper's prompts in the v1 template; "
+                   "release: LLaVA's plain (stage 1) and v1 (default paper; stage 2: what stage 1 used)")
+    g.add_argument("--projector", choices=("linear", "mlp2x_gelu"), help="adapter: the paper's linear layer or the "
+                   "release's 2-layer MLP (default linear; stage 2: stage 1's)")
+    g.add_argument("--image-fit", choices=("pad", "crop"), help="pad to a square or center-crop (default: crop in "
+                   "stage 1, pad in stage 2, as the release)")
     g.add_argument("--max-length", type=int, help="longest sequence, image features included (default 2048)")
-    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                   help=f"refuse images whose header says more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); "
-                        f"larger ones are read at a few times the model's input size")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="refuse images whose header says "
+                   f"more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); larger ones are read at a few times "
+                   "the model's input size")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per GPU per micro-step (default 32 stage 1, 16 stage 2)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 stage 1, 2e-5 stage 2)")
     g.add_argument("--epochs", type=int, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, at most --epochs epochs (the lr schedule ends there)")
+    g.add_argument("--max-steps", type=int,
+                   help="stop after this many optimizer steps, at most --epochs epochs (the lr schedule ends there)")
     g.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up (default 0.03)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (default 1.0, as LLaVA's trainer)")
     g.add_argument("--seed", type=int, default=42, help="data order, paper prompt choice, demo towers (default 42)")
     g = p.add_argument_group("system")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 2 in stage 1, 3 in stage 2)")
-    g.add_argument("--offload", choices=("none", "optimizer", "all"), default="none",
-                   help="move the Adam states (optimizer), and with ZeRO-3 also the weights (all), to CPU memory (default none)")
+    g.add_argument("--offload", choices=("none", "optimizer", "all"), default="none", help="move the Adam states "
+                   "(optimizer), and with ZeRO-3 also the weights (all), to CPU memory (default none)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in the backward pass instead of storing its activations (default on)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the work between the LLM's matmuls (RMSNorm in float32, RoPE, SwiGLU) into fused "
-                        "kernels; costs a minute of compiling at the start")
+    g.add_argument("--compile", action="store_true", help="torch.compile the work between the LLM's matmuls (RMSNorm "
+                   "in float32, RoPE, SwiGLU) into fused kernels; costs a minute of compiling at the start")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
-    g.add_argument("--deepspeed-config", metavar="FILE",
-                   help="JSON merged over the config built in deepspeed_config() (an example below)")
+    g.add_argument("--deepspeed-config", metavar="FILE", help="JSON merged over deepspeed_config()'s (example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
-    g.add_argument("--peak-tflops", type=float,
-                   help="peak TFLOP/s of one GPU for MFU (default: by the GPU's name, A100 312, H100 989)")
+    g.add_argument("--peak-tflops", type=float, help="one GPU's peak TFLOP/s for MFU (default: by name, A100 312, H100 989)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --output and start afresh")
-    g.add_argument("--log-sample-ids", action="store_true",
-                   help="record each step's sample ids in metrics.jsonl (audits data order across resumes)")
+    g.add_argument("--log-sample-ids", action="store_true", help="record each step's sample ids in metrics.jsonl "
+                   "(audits data order across resumes)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher adds it
     return p
 
 
 def parse_args(argv=None):
-    """The command line, with the defaults filled in and every value checked."""
+    """The command line, with the defaults filled in (demo, then paper; stage 2 takes stage 1's) and checked."""
     p = arg_parser()
     args = p.parse_args(argv)
-    # Fill what was not given: demo values, then the paper's, then the stage-1 run's own choices.
     defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4)
     if args.demo:
         defaults.update(DEMO[args.stage], data=str(SAMPLES / f"stage{args.stage}.json"), image_root=str(SAMPLES / "images"))
@@ -157,8 +132,7 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     for flag in ("batch_size", "grad_accum", "save_every", "epochs", "max_steps", "max_image_pixels"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
+        if (value := getattr(args, flag)) is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     if not args.lr > 0:
         p.error(f"--lr must be above 0, not {args.lr}")
@@ -177,10 +151,9 @@ def parse_args(argv=None):
 
 
 def fail(message):
-    """Stop with a message for a person and a non-zero exit status. Rank 0 prints it; every rank
-    also leaves it in torchrun's error file, so that torchrun's failure report shows this line as
-    the root cause instead of "To enable traceback see ..."."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    """Stop with a message for a person, exit status 2. It also goes to torchrun's error file, so that
+    torchrun's report shows it as the root cause instead of "To enable traceback see ..."."""
+    if rank_zero():
         print(f"train.py: error: {message}", file=sys.stderr, flush=True)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
@@ -188,13 +161,20 @@ def fail(message):
     sys.exit(2)
 
 
+def rank_zero():
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def log(message):
+    if rank_zero():
+        tqdm.write(message)
+
+
 def setup_process():
     """(rank, local rank, world size, device) for this process, and the settings the run needs."""
-    # torchrun and DeepSpeed's launcher set these; a plain `python train.py` is one process.
-    launched = "LOCAL_RANK" in os.environ
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, value)
+    launched = "LOCAL_RANK" in os.environ  # torchrun or DeepSpeed's launcher; else `python train.py`, one process
+    for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        os.environ.setdefault(key, str(value))
     if launched and sys.platform.startswith("linux"):
         # torchrun starts each worker in a session of its own, so `kill -9` of torchrun would leave
         # them training and writing checkpoints. Ask the kernel to kill this worker with its parent.
@@ -213,21 +193,18 @@ def setup_process():
 # ----------------------------------------------------------------------------- model and data
 
 def resolve_model_choices(args):
-    """Fill --projector, --style, --image-fit, --vision and --llm where they were not given.
-
-    Stage 2 continues what stage 1 recorded in its config.json: its adapter only fits the towers,
-    the adapter shape and the prompts it was trained with. Otherwise: the paper's choices."""
+    """Fill --projector, --style, --image-fit, --vision and --llm where not given: in stage 2 from stage 1's
+    config.json (its adapter fits only those towers, that shape and those prompts), else the paper's."""
     if args.stage == 2:
-        s1 = read_config(args.stage1_output)
+        s1, where = read_config(args.stage1_output), args.stage1_output
         if s1.get("model_type") != "qilin_med_vl_projector":
-            raise CheckpointError(f"{args.stage1_output}: config.json is not a stage-1 output "
+            raise CheckpointError(f"{where}: config.json is not a stage-1 output "
                                   f"(model_type {s1.get('model_type')!r}, expected 'qilin_med_vl_projector')")
-        missing = [key for key in ("projector", "style", "vision_path", "llm_path") if key not in s1]
-        if missing:
-            raise CheckpointError(f"{args.stage1_output}/config.json lacks {', '.join(missing)} "
+        if missing := [key for key in ("projector", "style", "vision_path", "llm_path") if key not in s1]:
+            raise CheckpointError(f"{where}/config.json lacks {', '.join(missing)} "
                                   f"(it was not written by this train.py's stage 1)")
         if args.projector not in (None, s1["projector"]):
-            raise CheckpointError(f"--projector {args.projector} but {args.stage1_output} holds a {s1['projector']!r} adapter")
+            raise CheckpointError(f"--projector {args.projector} but {where} holds a {s1['projector']!r} adapter")
         args.projector, args.style = s1["projector"], args.style or s1["style"]
         args.vision, args.llm = args.vision or s1["vision_path"], args.llm or s1["llm_path"]
     args.projector, args.style = args.projector or "linear", args.style or "paper"
@@ -235,10 +212,8 @@ def resolve_model_choices(args):
 
 
 def build_model(args, dtype, device=None):
-    """(model, config, tokenizer path): towers from their folders, the adapter fresh (stage 1) or
-    from stage 1's output (stage 2); the demo's towers are random. Call resolve_model_choices first.
-    Weights go from the checkpoint's memory-mapped pages to `device` and are cast there, so no
-    rank holds a converted copy of the 13B model in host memory."""
+    """(model, config, tokenizer path), after resolve_model_choices: the towers from their folders (the
+    demo's random), the adapter fresh or stage 1's; cast on `device`, so no host copy of 13B is converted."""
     if args.demo and args.stage == 1 and args.vision is None:
         tokenizer = str(SAMPLES / "tokenizer.model")
         vision, llm = VisionArgs.preset("demo"), LlamaArgs.preset("demo")
@@ -247,18 +222,16 @@ def build_model(args, dtype, device=None):
         if args.vision is None or args.llm is None:
             raise CheckpointError("no --vision / --llm folder given, and stage 1 recorded none")
         tokenizer = os.path.join(args.llm, "tokenizer.model")
-        vision = VisionArgs.from_hf_config(read_config(args.vision))
-        llm = LlamaArgs.from_hf_config(read_config(args.llm))
+        vision, llm = VisionArgs.from_hf_config(read_config(args.vision)), LlamaArgs.from_hf_config(read_config(args.llm))
     config = QilinConfig(projector=args.projector, image_fit=args.image_fit, style=args.style, vision=vision, llm=llm)
     torch.manual_seed(args.seed)  # random parts (the adapter; the demo's towers) are the same on every rank
-    model = QilinMedVL.from_parts(config, args.vision, args.llm, args.stage1_output if args.stage == 2 else None,
-                                  dtype, device)
-    return model, config, tokenizer
+    adapter = args.stage1_output if args.stage == 2 else None
+    return QilinMedVL.from_parts(config, args.vision, args.llm, adapter, dtype, device), config, tokenizer
 
 
 def load_everything(args, dtype, device):
-    """Every input checked and loaded, on every rank, before any process waits for another or
-    anything is written: (model, config, tokenizer, tokenizer path, dataset)."""
+    """(model, config, tokenizer, tokenizer path, dataset): every input checked on every rank before
+    any process waits for another or anything is written."""
     check_output_folder(args)
     if not os.path.isfile(args.data):
         fail(f"--data {args.data}: no such file")
@@ -270,8 +243,7 @@ def load_everything(args, dtype, device):
         tokenizer = Tokenizer(tokenizer_path)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
         message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
-        hint = " (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""
-        fail(f"{message}{hint}")
+        fail(message + (" (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""))
     if tokenizer.vocab_size != config.llm.vocab_size:
         fail(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is {config.llm.vocab_size}")
     try:
@@ -288,9 +260,8 @@ def load_everything(args, dtype, device):
 
 
 def epoch_batches(dataset, args, world, rank, epoch):
-    """This rank's micro-batches of one epoch, grouped by optimizer step: a pure function of
-    (seed, epoch, rank), so a resumed run finds the same batches and skips those already trained.
-    A last, partial accumulation is dropped."""
+    """This rank's micro-batches of one epoch, a pure function of (seed, epoch, rank) so that a resumed
+    run finds the same ones; a last, partial accumulation is dropped."""
     dataset.set_epoch(epoch)  # paper style: fresh prompts each epoch (data.py)
     batches = length_grouped_batches(dataset.lengths, args.batch_size, world, rank, args.seed, epoch)
     return batches[:len(batches) // args.grad_accum * args.grad_accum]
@@ -299,42 +270,32 @@ def epoch_batches(dataset, args, world, rank, epoch):
 # ----------------------------------------------------------------------------- DeepSpeed
 
 def deepspeed_config(args, world_size, on_gpu, llm_args=None):
-    """The whole DeepSpeed configuration, built where it can be read; --deepspeed-config merges
-    over it (for example to switch on DeepSpeed's monitors: see --help)."""
+    """The whole DeepSpeed configuration, in one place; --deepspeed-config merges over it."""
     # overlap_comm: reduce gradients while the backward pass goes on; contiguous: no fragmentation.
     zero = {"stage": args.zero, "overlap_comm": on_gpu, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if args.zero == 3:
         layer = 4 * 5120 ** 2 + 3 * 5120 * 13824 if llm_args is None else \
             llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights per block
-        dim = 5120 if llm_args is None else llm_args.dim
         zero.update(
-            # gather the next block's weights while this one computes: a block and a half ahead
-            stage3_prefetch_bucket_size=int(1.5 * layer),
+            stage3_prefetch_bucket_size=int(1.5 * layer),  # gather the next block's weights while this one computes
             # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
-            stage3_param_persistence_threshold=10 * dim,
-            # reduce a block's gradients as soon as its backward is done
-            reduce_bucket_size=layer,
+            stage3_param_persistence_threshold=10 * (5120 if llm_args is None else llm_args.dim),
+            reduce_bucket_size=layer,  # reduce a block's gradients as soon as its backward is done
             stage3_gather_16bit_weights_on_model_save=True)
     if args.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if args.offload == "all" and args.zero == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    config = {
-        "train_micro_batch_size_per_gpu": args.batch_size,
-        "gradient_accumulation_steps": args.grad_accum,
-        "train_batch_size": args.batch_size * args.grad_accum * world_size,
-        "gradient_clipping": args.grad_clip,
-        # torch's AdamW (fused kernel on GPU) needs no compiled extension; with the optimizer in
-        # CPU memory DeepSpeed's own CPU Adam is much faster (it builds an extension once).
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": args.weight_decay,
-            "torch_adam": args.offload == "none", **({"fused": True} if on_gpu and args.offload == "none" else {})}},
-        "bf16": {"enabled": args.precision == "bf16"},
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,  # progress goes to the bar and metrics.jsonl instead
-        "wall_clock_breakdown": False,
-    }
+    # torch's AdamW (fused kernel on GPU) needs no compiled extension; with the optimizer in CPU memory
+    # DeepSpeed's own CPU Adam is much faster (it builds an extension once).
+    adam = dict(lr=args.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=args.weight_decay,
+                torch_adam=args.offload == "none", **({"fused": True} if on_gpu and args.offload == "none" else {}))
+    config = dict(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                  train_batch_size=args.batch_size * args.grad_accum * world_size, gradient_clipping=args.grad_clip,
+                  optimizer={"type": "AdamW", "params": adam}, bf16={"enabled": args.precision == "bf16"},
+                  zero_optimization=zero, wall_clock_breakdown=False,
+                  steps_per_print=10**9)  # progress goes to the bar and metrics.jsonl instead
     if args.deepspeed_config:
         with open(args.deepspeed_config) as f:
             config = merge(config, json.load(f))
@@ -350,9 +311,8 @@ def merge(base, override):
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup from 0, then
-    half a cosine down to 0. The same curve as transformers' get_cosine_schedule_with_warmup,
-    which LLaVA and the Qilin-Med-VL release trained with."""
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup from 0, then half a cosine
+    to 0, as transformers' get_cosine_schedule_with_warmup (which LLaVA and the Qilin-Med-VL release used)."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -375,11 +335,11 @@ def start_deepspeed(model, args, world, device, total_steps):
     model.set_trainable(args.stage)
     model.llm.gradient_checkpointing = args.gradient_checkpointing
     llama.fuse_pointwise(args.compile)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    schedule = partial(warmup_cosine, warmup_steps=math.ceil(args.warmup_ratio * total_steps), total_steps=total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(args, world, device.type == "cuda", model.config.llm),
-        lr_scheduler=lambda opt: LambdaLR(opt, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)))
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule))
     return engine, scheduler
 
 
@@ -390,10 +350,6 @@ def shm_extension_built():
     return any(name.endswith(".so") for name in os.listdir(folder))
 
 
-def rank_zero():
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 # ----------------------------------------------------------------------------- one step
 
 class NonFiniteLoss(Exception):
@@ -401,9 +357,8 @@ class NonFiniteLoss(Exception):
 
 
 def train_step(engine, micro_batches, stage, llm_args):
-    """One optimizer step: forward and backward of each micro-batch (ours: grad_accum of them),
-    then clipping and AdamW. The only wait for the device is the sum of the loss and the counts
-    over ranks, once, before the update: it is needed to stop before a non-finite loss is applied.
+    """One optimizer step: forward and backward of each micro-batch, then clipping and AdamW. The one wait
+    for the device is the sum over ranks before the update, to stop before a non-finite loss is applied.
     Returns that sum: loss, micro-steps that learned something, tokens, FLOPs, dropped samples."""
     loss_sum = torch.zeros((), device=engine.device)
     counts = torch.zeros(4, dtype=torch.float64)  # micro-steps, tokens, FLOPs, dropped: known on the host
@@ -427,10 +382,9 @@ def train_step(engine, micro_batches, stage, llm_args):
 
 
 def step_flops(lengths, n_logits, llm_args, stage):
-    """The LLM's matmul FLOPs for samples of these lengths, the output layer counted only at the
-    n_logits positions where it runs (the frozen ViT adds ~1%). Stage 2 trains the LLM: forward
-    and backward. Stage 1 passes gradients through the frozen LLM to the adapter without
-    computing its weight gradients: twice the forward."""
+    """The LLM's matmul FLOPs for samples of these lengths, the output layer only at the n_logits positions
+    where it runs (the frozen ViT adds ~1%). Stage 2: forward and backward. Stage 1 passes gradients
+    through the frozen LLM without its weight gradients: twice the forward."""
     def per_token(T, lm_head):
         return llm_args.flops_per_token(T, lm_head=lm_head) if stage == 2 else \
             2 * llm_args.flops_per_token(T, backward=False, lm_head=lm_head)
@@ -440,53 +394,48 @@ def step_flops(lengths, n_logits, llm_args, stage):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def check_output_folder(args):
-    """Refuse to mix two runs in one folder; --resume needs a checkpoint to resume from."""
-    out = args.output
-    if args.resume:
-        if not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
-            fail(f"--resume: {out} has no checkpoints/latest to resume from (was it run with --save-every?)")
-    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        fail(f"{out} already holds another run ({', '.join(sorted(os.listdir(out))[:5])}); pass --resume to continue "
-             f"it, --overwrite to replace it, or choose another --output")
-
-
-def run_settings(args, world, samples):
-    """What a resumed run must share with the run it continues: the data order, the lr schedule
-    and the layout of DeepSpeed's checkpoint follow from these. Every checkpoint keeps them as run.json."""
-    keys = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size", "grad_accum",
-            "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
-    return dict({k: getattr(args, k) for k in keys}, world_size=world, data=os.path.abspath(args.data), samples=samples)
-
-
 def latest_checkpoint(folder):
     """The tag `checkpoints/latest` points to, or None."""
     path = os.path.join(folder, "checkpoints", "latest")
     return open(path).read().strip() if os.path.isfile(path) else None
 
 
-def check_same_run(folder, run):
-    """--resume: stop with a message, before anything is loaded, if the latest checkpoint was
-    trained with other settings (DeepSpeed would fail on another world size or ZeRO stage, and
-    anything else would silently change the data order or the lr schedule)."""
-    tag = latest_checkpoint(folder)
-    path = os.path.join(folder, "checkpoints", tag, "run.json")
-    if not os.path.isfile(path):
-        fail(f"--resume: {path} is missing, so {folder}/checkpoints/{tag} is not a complete checkpoint")
-    with open(path) as f:
-        saved = json.load(f)
-    changed = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]
-    if changed:
-        fail(f"cannot resume {folder}/checkpoints/{tag}: this run's settings differ from the checkpoint's "
-             f"({'; '.join(changed)}). Resume with the same settings, or start a new run with --overwrite or another --output")
+def check_output_folder(args):
+    """Refuse to mix two runs in one folder; --resume needs a checkpoint to resume from."""
+    out = args.output
+    if args.resume and latest_checkpoint(out) is None:
+        fail(f"--resume: {out} has no checkpoints/latest to resume from (was it run with --save-every?)")
+    if not args.resume and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        fail(f"{out} already holds another run ({', '.join(sorted(os.listdir(out))[:5])}); pass --resume to continue "
+             f"it, --overwrite to replace it, or choose another --output")
+
+
+def run_settings(args, world, samples):
+    """What a resumed run must share with the one it continues (the data order, the lr schedule and the
+    layout of DeepSpeed's checkpoint follow from them), kept in every checkpoint as run.json. --resume
+    stops here, before anything is written, if the latest checkpoint's differ."""
+    keys = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size", "grad_accum",
+            "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
+    run = dict({k: getattr(args, k) for k in keys}, world_size=world, data=os.path.abspath(args.data), samples=samples)
+    if args.resume:
+        tag = latest_checkpoint(args.output)
+        path = os.path.join(args.output, "checkpoints", tag, "run.json")
+        if not os.path.isfile(path):
+            fail(f"--resume: {path} is missing, so {args.output}/checkpoints/{tag} is not a complete checkpoint")
+        with open(path) as f:
+            saved = json.load(f)
+        changed = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]
+        if changed:
+            fail(f"cannot resume {args.output}/checkpoints/{tag}: this run's settings differ from the checkpoint's "
+                 f"({'; '.join(changed)}). Resume with the same settings, or start a new run with --overwrite or "
+                 f"another --output")
+    return run
 
 
 def save_checkpoint(engine, folder, state, run):
-    """A resumable checkpoint under a new tag; `latest` moves to it only when every rank is done.
-
-    Frozen weights are not saved (stage 1 would write the whole 13B LLM every time): a resumed
-    run rebuilds them from the towers exactly as the first run did. No random state is saved:
-    nothing in a step draws random numbers (the data order and prompts are seeded by the epoch)."""
+    """A resumable checkpoint under a new tag; `latest` moves to it only once every rank is done.
+    Frozen weights are left out (a resume rebuilds them from the towers), and no random state is
+    saved: nothing in a step draws random numbers (data order and prompts are seeded by the epoch)."""
     root, tag = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}"
     if rank_zero():
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
@@ -508,34 +457,26 @@ def save_checkpoint(engine, folder, state, run):
 
 
 def resume(engine, folder):
-    """Restore engine, optimizer and scheduler from the latest checkpoint (check_same_run has
-    vouched for its settings) and return its state. metrics.jsonl keeps the lines of the steps
-    up to the checkpoint, so that the steps that run again are not listed twice."""
+    """Restore engine, optimizer and scheduler from the latest checkpoint; return (tag, state).
+    metrics.jsonl keeps only the steps up to the checkpoint: those after it run again."""
     tag = latest_checkpoint(folder)
     path, state = engine.load_checkpoint(os.path.join(folder, "checkpoints"), tag=tag, load_module_strict=False)
     if path is None:
         raise CheckpointError(f"{folder}/checkpoints/{tag}: DeepSpeed could not load this checkpoint")
     metrics = os.path.join(folder, "metrics.jsonl")
     if rank_zero() and os.path.isfile(metrics):
-        kept = []
-        for line in open(metrics).read().splitlines():
-            try:
-                if json.loads(line)["step"] <= state["step"]:
-                    kept.append(line + "\n")
-            except json.JSONDecodeError:  # a line torn by the kill: its step runs again anyway
-                pass
+        with open(metrics) as f:  # a line without its newline was torn by the kill: its step runs again anyway
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
     return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
 
 
-# ----------------------------------------------------------------------------- the trained model
-
 def save_final_model(model, config, args, tokenizer_path):
-    """Write the trained model into --output: stage 1 the adapter (with the demo's random towers),
-    stage 2 the whole model. ZeRO-3 keeps a slice of every weight on each rank: gather them one at
-    a time (every rank takes part in each gather) into a CPU copy of the whole model on rank 0."""
+    """The trained model into --output: stage 1 the adapter (with the demo's random towers), stage 2 the
+    whole model. ZeRO-3 keeps a slice of every weight on each rank: they are gathered one at a time
+    (every rank takes part in each gather) into a whole CPU copy on rank 0."""
     import deepspeed
 
     full = model
@@ -551,46 +492,16 @@ def save_final_model(model, config, args, tokenizer_path):
             full.load_state_dict(state, strict=True, assign=True)
     if not rank_zero():
         return
-    if args.stage == 1:
-        vision, llm = args.vision, args.llm
-        if vision is None:  # demo: the random towers go with the adapter, as Hugging Face folders
-            vision, llm = os.path.join(args.output, "vision"), os.path.join(args.output, "llm")
+    demo = args.stage == 1 and args.vision is None  # the demo's random towers go beside the adapter
+    vision, llm = (os.path.join(args.output, "vision"), os.path.join(args.output, "llm")) if demo else (args.vision, args.llm)
 
-        def write(tmp):
-            if args.vision is None:
-                save_demo_towers(full, tmp, tokenizer_path)
-            full.save_projector(tmp, vision, llm, tokenizer_path)
-    else:
-        def write(tmp):
-            full.save_pretrained(tmp, tokenizer=tokenizer_path)
+    def write(tmp):
+        if args.stage == 2:
+            return full.save_pretrained(tmp, tokenizer=tokenizer_path)
+        if demo:
+            full.save_towers(tmp, tokenizer_path)
+        full.save_projector(tmp, vision, llm, tokenizer_path)
     write_output(args.output, write)
-
-
-def save_demo_towers(model, folder, tokenizer):
-    """The demo's random towers, written as Hugging Face folders (the layout of the official
-    ones), so stage 2 and chat load them exactly as they would load the real CLIP and LLaMA."""
-    save_weights({f"vision_model.{k}": v for k, v in model.vision.state_dict().items()}, os.path.join(folder, "vision"))
-    save_weights({(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in model.llm.state_dict().items()},
-                 os.path.join(folder, "llm"))
-    write_config(os.path.join(folder, "vision"), model.config.vision.to_hf_config())
-    write_config(os.path.join(folder, "llm"), model.config.llm.to_hf_config(), tokenizer)
-
-
-def write_output(folder, write):
-    """Write the trained model into `folder` so that a crash never leaves a half-written one:
-    everything goes to a temporary folder next to it first, then each file is renamed into place
-    (an atomic step on one filesystem) with config.json last. Loaders start from config.json, so
-    until the last rename nothing loads; `--resume` after a crash here writes it again."""
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config.json last
-        target = os.path.join(folder, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, name), target)
-    os.rmdir(tmp)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -606,13 +517,12 @@ class Metrics:
         self.bar = tqdm(total=total_steps, initial=step, disable=not rank_zero(), dynamic_ncols=True, desc=f"stage {args.stage}")
 
     def log(self, totals, step, epoch, lr, dropped, ids):
-        loss_sum, learned, tokens, flops, _ = totals
-        now, dt = time.perf_counter(), time.perf_counter() - self.t
-        self.t = now
+        (loss_sum, learned, tokens, flops, _), dt = totals, time.perf_counter() - self.t
+        self.pause()
         loss = loss_sum / learned if learned else None  # None: every sample of the step was dropped
+        mfu = round(flops / dt / (self.peak * 1e12 * self.world), 5) if self.peak else None
         record = dict(step=step, epoch=round(epoch, 4), loss=loss, lr=lr, tokens=int(tokens),
-                      tokens_per_s=round(tokens / dt, 1), skipped=self.skipped + dropped,
-                      mfu=round(flops / dt / (self.peak * 1e12 * self.world), 5) if self.peak else None)
+                      tokens_per_s=round(tokens / dt, 1), skipped=self.skipped + dropped, mfu=mfu)
         if self.log_ids:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, ids)
@@ -620,13 +530,12 @@ class Metrics:
         if rank_zero():
             self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self.file.flush()
-            mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "-"
-            self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}", mfu=mfu, refresh=False)
+            self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
+                                 mfu="-" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
             self.bar.update()
 
     def pause(self):
-        self.t = time.perf_counter()  # a checkpoint's save is not training time
+        self.t = time.perf_counter()  # the clock restarts: after a checkpoint's save, that is not training time
 
     def close(self):
         self.bar.close()
@@ -643,8 +552,6 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model, config, tokenizer, tokenizer_path, dataset = load_everything(args, dtype, device)
     run = run_settings(args, world, len(dataset))
-    if args.resume:
-        check_same_run(args.output, run)
     steps_per_epoch = len(epoch_batches(dataset, args, world, rank, 0)) // args.grad_accum
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world} samples")
@@ -695,11 +602,6 @@ def main(argv=None):
         f"or too long with that epoch's prompt)")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def log(message):
-    if rank_zero():
-        tqdm.write(message)
 
 
 def prepare_output(args, world):
