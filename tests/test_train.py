@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import pytest
@@ -65,7 +66,8 @@ def same(a, b):
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "stage1"
-    built = train.shm_extension_built()  # TORCH_EXTENSIONS_DIR is the tests' (conftest.ENV)
+    with mock.patch.dict(os.environ, TORCH_EXTENSIONS_DIR=ENV["TORCH_EXTENSIONS_DIR"]):  # the launched runs' cache
+        built = train.shm_extension_built()
     # ZeRO-2 (the stage-1 default); a checkpoint after step 2, for the tests that resume it
     proc = launch("--demo", "--stage", 1, "--max-steps", 3, "--save-every", 2, "--peak-tflops", 0.1, "--output", out)
     return out, proc, built
