@@ -344,7 +344,11 @@ def llava_hf_config(config, folder):
     layer = config.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise CheckpointError(f"{folder}: vision_feature_layer {layer!r}: only one layer is supported")
-    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit="pad", style="release")
+    processor = os.path.join(folder, "preprocessor_config.json")  # pad or crop, as the image processor does
+    do_pad = json.load(open(processor)).get("do_pad", True) if os.path.isfile(processor) else True
+    # our export records how the model was trained: its prompts and its image fit
+    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit=config.get("image_fit", "pad" if do_pad else "crop"),
+                style=config.get("prompt_style", "release"))
 
 
 # ---- stage 1's output: the adapter alone ------------------------------------------------------------
@@ -387,11 +391,13 @@ def to_llava_hf(state_dict):
     return state
 
 
-def llava_hf_export_config(vision, text, select_layer):
+def llava_hf_export_config(vision, text, select_layer, style, image_fit):
     """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after
-    the vocabulary, repeated once per patch."""
+    the vocabulary, repeated once per patch. prompt_style and image_fit (transformers ignores them)
+    let our loader render prompts and fit images as the model was trained."""
     image_token = text["vocab_size"]
     return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=vision,
+                prompt_style=style, image_fit=image_fit,
                 text_config=dict(text, vocab_size=image_token + 1, pad_token_id=None),
                 image_token_index=image_token, image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
                 vision_feature_layer=select_layer, vision_feature_select_strategy="default",

@@ -236,7 +236,8 @@ class QilinMedVL(nn.Module):
                                      IMAGE, CLIP_MEAN, CLIP_STD)
         save_weights(to_llava_hf(self.state_dict()), folder)
         write_config(folder, llava_hf_export_config(self.config.vision.to_hf_config(), self.config.llm.to_hf_config(),
-                                                    self.config.select_layer), tokenizer)
+                                                    self.config.select_layer, self.config.style, self.config.image_fit),
+                     tokenizer)
 
 
 def chat_template(style, tokenizer):

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -110,7 +111,8 @@ def arg_parser():
                    help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE", help="JSON merged over deepspeed_config()'s (example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
-    g.add_argument("--peak-tflops", type=float, help="one GPU's peak TFLOP/s for MFU (default: by name, A100 312, H100 989)")
+    g.add_argument("--peak-tflops", type=float, help="one GPU's dense bf16 peak TFLOP/s for MFU (default: by name, A100 312, "
+                   "H100/H200 SXM 989; 312 for a GPU not in that list)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -562,8 +564,9 @@ def main(argv=None):
     if args.resume:
         tag, state = resume(engine, args.output)
         log(f"resumed from {args.output}/checkpoints/{tag}: step {state['step']}, epoch {state['epoch']}")
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained (stage {args.stage}); "
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: whole sizes
+    log(f"model: {sum(n for n, _ in numel) / 1e6:.1f}M parameters, "
+        f"{sum(n for n, trained in numel if trained) / 1e6:.2f}M trained (stage {args.stage}); "
         f"{args.precision}, ZeRO-{args.zero}, {world} processes\n{dataset.report()}")
     metrics = Metrics(args, world, device, total_steps, state["step"], sum(dataset.skipped.values()))
     collate_batch = partial(collate, pad_id=tokenizer.pad_id, image_size=config.vision.image_size)
@@ -619,9 +622,10 @@ def stopped(args, state):
     """Ctrl-C: one line from rank 0 saying where training stopped and how to go on; exit 130."""
     if rank_zero():
         kept = latest_checkpoint(args.output)
-        again = " ".join(a for a in sys.argv[1:] if a not in ("--overwrite", "--resume"))
-        launcher = f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}" if "LOCAL_WORLD_SIZE" in os.environ \
-            else "python"
+        again = shlex.join(a for a in sys.argv[1:] if a not in ("--overwrite", "--resume"))
+        nodes, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        launcher = ("python" if "LOCAL_WORLD_SIZE" not in os.environ else f"torchrun --nproc_per_node {local}"
+                    if nodes == local else "torchrun (with the same options, on every node)")
         print(f"\ntrain.py: stopped at step {state['step']} (epoch {state['epoch']}); "
               + (f"the last checkpoint is {args.output}/checkpoints/{kept}; continue with: {launcher} train.py "
                  f"{again} --resume" if kept else "no checkpoint was saved yet (see --save-every)"), file=sys.stderr, flush=True)

@@ -411,7 +411,7 @@ CHIMED_VL = {1: (580_014, 1073, 435), 2: (469_441, 675, 22)}
 def whole_run_estimate(mfu, gpus=8, peak=312):
     """Hours of each stage (one epoch, paper section 5.2) on `gpus` A100s at these MFUs (percent)."""
     llm = LlamaArgs()  # LLaMA-2-13B
-    print(f"\nwhole-run estimate on {gpus} x A100 (bf16 peak {peak} TFLOP/s), from the MFU measured above:")
+    print(f"\nwhole-run estimate on {gpus} x A100 (bf16 peak {peak} TFLOP/s), at MFU {mfu[1]:.1f}% and {mfu[2]:.1f}%:")
     for stage, (samples, length, learned) in CHIMED_VL.items():
         flops = samples * train.step_flops([length], learned, llm, stage)
         ideal = flops / (gpus * peak * 1e12) / 3600

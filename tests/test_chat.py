@@ -230,6 +230,8 @@ def test_llava_hf_export_serves_with_transformers_as_chat_answers(tmp_path, toke
     model = tiny_model(style=style, projector="mlp2x_gelu")
     model.config.image_fit = image_fit
     model.export_llava_hf(tmp_path, tokenizer=TOKENIZER)
+    reloaded, _ = chat.load_model(str(tmp_path))  # chat.py on the export renders and fits as trained
+    assert (reloaded.config.style, reloaded.config.image_fit) == (style, image_fit)
     processor = AutoProcessor.from_pretrained(tmp_path)
     served = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     image_id, n = model.config.llm.vocab_size, model.num_image_tokens

@@ -101,7 +101,8 @@ def test_stage1_trains_only_the_adapter(stage1):
 
 def test_stage2_zero3_trains_adapter_and_llm_and_loads(stage1, tmp_path):
     out = tmp_path / "stage2"
-    launch("--demo", "--stage", 2, "--stage1-output", stage1, "--max-steps", 3, "--output", out)  # ZeRO-3
+    proc = launch("--demo", "--stage", 2, "--stage1-output", stage1, "--max-steps", 3, "--output", out)  # ZeRO-3
+    assert "model: 1.3M parameters, 1.20M trained (stage 2)" in proc.stdout + proc.stderr  # whole sizes, not a rank's slice
     start = initial_model("--stage", 2, "--stage1-output", stage1)
     trained = QilinMedVL.from_pretrained(out)
     assert same(tensors(start.vision), tensors(trained.vision))
