@@ -243,10 +243,9 @@ class Llama(nn.Module):
         mask = None
         if input_pos is not None:
             slots = torch.arange(self.cache_len, device=x.device)  # (S,)
-            own = slots == input_pos[:, None]  # (T, S): a query always sees its own slot
             mask = slots <= input_pos[:, None]  # (T, S): causal over the cache
-            if pad_mask is not None:  # hide padding (a padding query still sees itself: no NaN)
-                mask = (mask & pad_mask[:, None, None, :]) | own  # (B, 1, T, S)
+            if pad_mask is not None:  # hide padding; a query always sees its own slot (no all-masked row, no NaN)
+                mask = (mask & pad_mask[:, None, None, :]) | (slots == input_pos[:, None])  # (B, 1, T, S)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)

@@ -30,7 +30,8 @@ from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weigh
                         llava_hf_config, llava_hf_export_config, llava_vision_path, load_projector, read_config,
                         read_weights, save_weights, table_key_map, to_llava_hf, write_config, write_llava_hf_processor,
                         write_projector)
-from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
+from data import (CLIP_MEAN, CLIP_STD, IMAGE, IMAGE_TOKEN_INDEX, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer,
+                  build_conversation)
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
 
@@ -41,7 +42,7 @@ class QilinConfig:
     select_layer: int = -2  # which hidden state of the ViT (-2: penultimate block, as LLaVA)
     image_fit: str = "pad"  # how images become squares: "pad" (stage 2, chat) or "crop" (see data.py)
     style: str = "paper"  # prompt style the model was trained with: "paper" or "release" (see data.py)
-    image_token_index: int = -200  # LLaVA's image placeholder id in input_ids (data.IMAGE_TOKEN_INDEX)
+    image_token_index: int = IMAGE_TOKEN_INDEX  # LLaVA's image placeholder id in input_ids (-200)
     vision: VisionArgs = field(default_factory=VisionArgs)
     llm: LlamaArgs = field(default_factory=LlamaArgs)
 
