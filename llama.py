@@ -1,22 +1,18 @@
 """LLaMA-2, the language model of Qilin-Med-VL (paper section 4.1).
 
-Qilin-Med-VL's LLM is a Chinese fine-tune of LLaMA-2-13B-Chat: a decoder-only transformer with
-RMSNorm before each sub-layer, rotary position embeddings (RoPE), SwiGLU feed-forward layers and
-(in later LLaMAs) grouped-query attention. The multimodal model feeds it `inputs_embeds` in which
-image features stand where the `<image>` placeholder was (see model.py); everything else is a
-plain causal language model.
+Qilin-Med-VL's LLM, a Chinese fine-tune of LLaMA-2-13B-Chat, is a decoder-only transformer: RMSNorm before each
+sub-layer, rotary position embeddings (RoPE), SwiGLU feed-forward layers, (in later LLaMAs) grouped-query attention.
+model.py feeds it `inputs_embeds` with image features where `<image>` stood; otherwise a plain causal language model.
 
 Two paths through attention, both via `F.scaled_dot_product_attention`:
-  * training / full forward: no cache and no dense mask. Batches are right-padded, so every pad
-    sits after every real token and `is_causal=True` alone is exact for the real tokens;
-    SDPA can then pick its fused (flash) kernel.
-  * decoding: a static KV cache, preallocated once and written in place at the slots `input_pos`
-    names. Every step attends over the whole cache with a mask of the filled slots, so each step
-    has the same shapes: a compiled decode step can be captured once as a CUDA graph and replayed
-    (gpt-fast's recipe; see chat.generate).
+  * training / full forward: no cache and no dense mask. Batches are right-padded, so every pad sits after every
+    real token and `is_causal=True` alone is exact for the real tokens; SDPA can then pick its flash kernel.
+  * decoding: a static KV cache, preallocated once and written in place at the slots `input_pos` names. Every step
+    attends over the whole cache with a mask of the filled slots, so each step has the same shapes: a compiled
+    decode step is captured once as a CUDA graph and replayed (gpt-fast's recipe; see chat.generate).
 
-Reference: Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models"; module
-names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...).
+Reference: Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models"; module names follow the
+Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...).
 """
 
 from dataclasses import dataclass
@@ -46,15 +42,12 @@ class LlamaArgs:
         return self.dim // self.n_heads
 
     def flops_per_token(self, seq_len, backward=True, lm_head=True):
-        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per matmul weight N (multiply
-        and add) forward, twice that again backward, so 6N with the backward; plus attention's
-        scores and weighted sum, 2 * 2 * d * T per layer forward (counted over the full T x T
-        square, though causal attention needs half), so 12 * L * d * T with the backward. The
-        embedding lookup and the norms are free. Stage 1 (frozen LLM, gradients still flow through
-        it to the adapter) does no weight gradients: about 2x forward, 4N, rather than 6N.
-        lm_head=False leaves out the output layer, for tokens whose logits are never computed
-        (model.py computes them only where the loss needs them). Computed from the shapes alone,
-        so it also holds while ZeRO-3 has the weights scattered."""
+        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per matmul weight N (multiply and add) forward,
+        twice that again backward, so 6N; plus attention's scores and weighted sum, 2 * 2 * d * T per layer forward
+        (over the full T x T square, though causal needs half), so 12 * L * d * T with the backward. Embedding lookup
+        and norms are free. Stage 1 (frozen LLM; gradients still flow through it to the adapter) does no weight
+        gradients: about 2x forward, 4N, rather than 6N. lm_head=False leaves out the output layer, for tokens whose
+        logits are never computed. From the shapes alone, so it also holds while ZeRO-3 has the weights scattered."""
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         n = self.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size) + d * self.vocab_size * lm_head
         forward = 2 * n + 4 * self.n_layers * d * seq_len
@@ -62,32 +55,28 @@ class LlamaArgs:
 
     @classmethod
     def preset(cls, name):
-        presets = {
+        return {
             "13b": cls(),  # LLaMA-2-13B, as in Qilin-Med-VL
             "7b": cls(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008),
             # CPU demo size; vocab_size is set from the demo tokenizer.
             "demo": cls(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, intermediate_size=352, max_seq_len=512),
-        }
-        return presets[name]
+        }[name]
 
     @classmethod
     def from_hf_config(cls, c):
         """From a LlamaConfig dict. Absent keys mean Hugging Face's defaults: rms_norm_eps 1e-6,
-        num_key_value_heads = num_attention_heads, rope_theta 10000 (transformers 5 nests it in
-        `rope_parameters`)."""
+        num_key_value_heads = num_attention_heads, rope_theta 10000 (transformers 5 nests it in `rope_parameters`)."""
         rope = c.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default" or c.get("rope_scaling"):
             raise ValueError(f"RoPE scaling {rope or c.get('rope_scaling')} is not supported (LLaMA-2 uses none)")
-        n_heads = c.get("num_attention_heads", 32)
-        dim = c.get("hidden_size", 4096)
+        n_heads, dim = c.get("num_attention_heads", 32), c.get("hidden_size", 4096)
         if c.get("head_dim", dim // n_heads) != dim // n_heads:
             raise ValueError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
         if c.get("tie_word_embeddings"):
             raise ValueError("tie_word_embeddings is not supported: LLaMA-2 has separate input and output embeddings")
         return cls(dim=dim, n_layers=c.get("num_hidden_layers", 32), n_heads=n_heads,
-                   n_kv_heads=c.get("num_key_value_heads") or n_heads,
-                   intermediate_size=c.get("intermediate_size", 11008), vocab_size=c.get("vocab_size", 32000),
-                   norm_eps=c.get("rms_norm_eps", 1e-6),
+                   n_kv_heads=c.get("num_key_value_heads") or n_heads, vocab_size=c.get("vocab_size", 32000),
+                   intermediate_size=c.get("intermediate_size", 11008), norm_eps=c.get("rms_norm_eps", 1e-6),
                    rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
                    max_seq_len=c.get("max_position_embeddings", 4096))
 
@@ -117,12 +106,9 @@ def rms_norm(x, weight, eps):
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """RoPE angles for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
-
-    Frequency i (of head_dim/2) turns at theta^(-2i/head_dim). Hugging Face's weights pair
-    dimension i with i + head_dim/2 ("rotate_half"), so the table repeats the frequencies twice.
-    Computed in float32 from the positions each forward: cheap, and exact at any position.
-    """
+    """RoPE angles for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim), computed in float32
+    each forward: cheap, and exact at any position. Frequency i (of head_dim/2) turns at theta^(-2i/head_dim);
+    Hugging Face's weights pair dimension i with i + head_dim/2 ("rotate_half"), so the table repeats them twice."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
@@ -140,10 +126,9 @@ class KVCache(nn.Module):
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        for buffer in (self.k, self.v):  # a captured CUDA graph may write to them in place (chat.compiled)
-            torch._dynamo.mark_static_address(buffer)
+        for name in ("k", "v"):  # a captured CUDA graph may write to them in place (chat.compiled)
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            torch._dynamo.mark_static_address(getattr(self, name))
 
     def update(self, input_pos, k, v):
         """Write k, v (B, Hkv, T, hd) at slots input_pos (T,); return the whole cache (B, Hkv, S, hd).
@@ -225,16 +210,12 @@ class Llama(nn.Module):
                 logits_at=None):
         """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab).
 
-        Without `input_pos`: a full causal forward with no cache (training, scoring).
-        With `input_pos` (T,) long, after `setup_cache`: these T tokens go into those cache slots
-        and attend to every filled slot up to their own.
-          positions: (B, T) RoPE positions; default input_pos. Left-padded batches pass each
-                     row's own count of real tokens so far.
-          pad_mask:  (B, S) bool over the S cache slots, False where a slot holds padding.
-        logits_at: (M,) flat indices into the B*T positions: only their logits, (M, vocab). The
-        loss needs the answer tokens' logits alone, and a prefill the last position's; the full
-        (B, T, vocab) matrix can cost more than the layers for a small model.
-        """
+        Without `input_pos`: a full causal forward with no cache (training, scoring). With `input_pos` (T,) long,
+        after `setup_cache`: these T tokens go into those cache slots and attend to every filled slot up to their own.
+          positions (B, T): RoPE positions, default input_pos; left-padded rows pass their own count of real tokens.
+          pad_mask (B, S): bool over the S cache slots, False where a slot holds padding.
+        logits_at (M,): flat indices into the B*T positions -> only their logits (M, vocab). The loss needs the answer
+        tokens' alone, a prefill the last position's; the full matrix can cost more than a small model's layers."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = x.shape
         if positions is None:
@@ -256,12 +237,10 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):
-        """A static KV cache for decoding (forward with input_pos). An existing cache of the same
-        batch size, dtype and device that is long enough is kept: a compiled decode step then
-        replays the graph it captured for it instead of compiling again. New caches are rounded
-        up to a multiple of 256 slots for the same reason."""
-        w = self.lm_head.weight
-        dtype, device = dtype or w.dtype, torch.device(device or w.device)
+        """A static KV cache for decoding (forward with input_pos). An existing cache of the same batch size, dtype
+        and device that is long enough is kept: a compiled decode step then replays the graph it captured for it
+        instead of compiling again. New caches are rounded up to a multiple of 256 slots for the same reason."""
+        dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
         need = max_seq_len or self.args.max_seq_len
         old = self.layers[0].self_attn.cache
         if (old is not None and old.k.shape[0] == batch_size and old.k.shape[2] >= need
@@ -282,24 +261,20 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load a Hugging Face LLaMA folder (LlamaForCausalLM weights + config.json)."""
-        args = LlamaArgs.from_hf_config(read_config(path))
-        weights = read_weights(path)
         with torch.device("meta"):
-            model = cls(args)
-        return assign_weights(model, weights, llama_key, dtype=dtype, device=device, what="LLaMA model")
+            model = cls(LlamaArgs.from_hf_config(read_config(path)))
+        return assign_weights(model, read_weights(path), llama_key, dtype=dtype, device=device, what="LLaMA model")
 
 
 POINTWISE = dict(rms_norm=rms_norm, apply_rope=apply_rope, swiglu=swiglu)  # their eager versions
 
 
 def fuse_pointwise(enable=True):
-    """Compile the pointwise work between the matmuls, so that each of these runs as one fused
-    kernel instead of several passes over memory: RMSNorm's float32 round trip (two casts, a
-    reduction, two multiplies), RoPE (multiplies, a concatenation, a negation) and SwiGLU (silu,
-    multiply). Eager, they take about a quarter of a 13B training step's GPU time. Only these
-    parameter-free functions are compiled, not whole blocks, so DeepSpeed's ZeRO-3 hooks on each
-    weight stay outside the compiled code. train.py --compile calls this; eager stays the default
-    (enable=False restores it)."""
+    """Compile the pointwise work between the matmuls, so each runs as one fused kernel instead of several passes over
+    memory: RMSNorm's float32 round trip (two casts, a reduction, two multiplies), RoPE (multiplies, a concatenation,
+    a negation) and SwiGLU (silu, multiply). Eager, they take about a quarter of a 13B training step's GPU time. Only
+    these parameter-free functions are compiled, not whole blocks, so DeepSpeed's ZeRO-3 hooks on each weight stay
+    outside the compiled code. train.py --compile calls this; eager stays the default (enable=False restores it)."""
     compiled = {name: torch.compile(f, dynamic=True) if enable else f for name, f in POINTWISE.items()}
     globals().update(compiled)  # the modules above call these names
 
