@@ -15,26 +15,24 @@ Loading follows three rules:
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
 
-The second half is the whole model's folder layouts (ours, stage 1's adapter, the authors' LLaVA
-release, transformers' llava-hf): which one a folder holds, its key table, its config fields, and
-the llava-hf export with the files that serve it. Only names and dicts: model.py builds the model.
+The second half is the whole model's four folder layouts: which one a folder holds, its key table,
+its config fields, and the llava-hf export with the files that serve it. Only names and dicts:
+model.py builds the model.
 """
 
 import json
 import os
 import shutil
-import struct
+import zipfile
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
 
 # Element types of the safetensors format (its JSON header spells them like this).
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointError(ValueError):
@@ -66,42 +64,37 @@ def read_config(folder):
 def weight_files(folder):
     """The weight files of a folder, in shard order. safetensors is preferred over .bin."""
     names = set(os.listdir(folder))
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = single + ".index.json"
         if index in names:
             try:
                 with open(os.path.join(folder, index)) as f:
                     shards = sorted(set(json.load(f)["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{folder}/{index}: not a valid index (expected JSON with a weight_map)") from None
-            missing = [s for s in shards if s not in names]
-            if missing:
+            if missing := [s for s in shards if s not in names]:
                 raise CheckpointError(f"{folder}/{index} names shard files that are not there: {missing}")
             return shards
         if single in names:
             return [single]
     # Shards without an index (some hand-made folders): take them in name order.
     for ext in (".safetensors", ".bin"):
-        shards = sorted(n for n in names if n.endswith(ext) and n.startswith(("model", "pytorch_model")))
-        if shards:
+        if shards := sorted(n for n in names if n.endswith(ext) and n.startswith(("model", "pytorch_model"))):
             return shards
     raise CheckpointError(f"{folder}: no weights found (expected model*.safetensors or pytorch_model*.bin; "
                           f"found {sorted(names)})")
 
 
 def read_safetensors(path):
-    """Memory-map one safetensors file: {key: tensor} viewing the file's bytes, no copy.
-
-    The format is an 8-byte little-endian header length, a JSON header
-    {key: {dtype, shape, data_offsets: [begin, end]}}, then the raw tensor bytes.
-    The mapping is private (copy-on-write): writing to a parameter never touches the file.
-    """
+    """Memory-map one safetensors file: {key: tensor} viewing the file's bytes, no copy. The format is an
+    8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets: [begin, end]}},
+    then the raw bytes. The mapping is private (copy-on-write): writing to a parameter never touches the file."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
+        n = int.from_bytes(head, "little")
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
         try:
@@ -120,25 +113,18 @@ def read_safetensors(path):
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
         dtype = SAFETENSORS_DTYPES[v["dtype"]]
         begin, stop = v["data_offsets"]
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        if (data_start + begin) % itemsize == 0:  # aligned: a view into the mapping
-            t = torch.tensor([], dtype=dtype).set_(storage, (data_start + begin) // itemsize, v["shape"])
-        else:  # unaligned (rare, mixed dtypes): copy these bytes out
-            t = torch.frombuffer(bytearray(storage[data_start + begin:data_start + stop]), dtype=dtype)
-            t = t.reshape(v["shape"])
-        tensors[key] = t
+        raw = torch.tensor([], dtype=torch.uint8).set_(storage, data_start + begin, (stop - begin,))  # the bytes
+        if (data_start + begin) % dtype.itemsize:  # unaligned (rare, mixed dtypes): copy them out to view them
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).reshape(v["shape"])
     return tensors
 
 
 def read_bin(path):
-    """One PyTorch .bin shard, memory-mapped, unpickling tensors only (weights_only)."""
+    """One PyTorch .bin shard, unpickling tensors only (weights_only). It is memory-mapped, unless it is
+    in the old, non-zip format, which cannot be: that is read whole."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # files in the old, non-zip format cannot be mapped: read them whole
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0]})") from None
@@ -148,9 +134,8 @@ def read_weights(folder):
     """Every tensor of a checkpoint folder, memory-mapped."""
     tensors, files = {}, {}
     for name in weight_files(folder):
-        path = os.path.join(folder, name)
-        shard = read_safetensors(path) if name.endswith(".safetensors") else read_bin(path)
-        for key, t in shard.items():
+        read = read_safetensors if name.endswith(".safetensors") else read_bin
+        for key, t in read(os.path.join(folder, name)).items():
             tensors[key], files[key] = t, name
     return Weights(tensors, files, folder)
 
@@ -192,25 +177,22 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
 def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30):
     """Write a state dict as safetensors shards + model.safetensors.index.json (HF's layout)."""
     os.makedirs(folder, exist_ok=True)
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for key, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = t.detach().contiguous().cpu()
-        size += nbytes
-    shards.append(current)
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().contiguous().cpu()
+        size += t.nbytes
     if len(shards) == 1:
         save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
+    weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.nbytes for t in state_dict.values())
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
@@ -240,7 +222,7 @@ def write_output(folder, write):
 
 
 # ----------------------------------------------------------------------------- the whole model's layouts
-# Qilin-Med-VL (paper section 4.1: vision tower, adapter, LLM) comes in four kinds of folder:
+# Qilin-Med-VL comes in four kinds of folder:
 #
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
 #   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the
@@ -286,8 +268,7 @@ def table_key_map(table, tower_keys):
             if key.startswith(prefix):
                 if ours is None:
                     return None
-                rest = key.removeprefix(prefix)
-                name = tower_keys.get(ours.split(".")[0], lambda k: k)(rest)
+                name = tower_keys.get(ours.split(".")[0], lambda k: k)(key.removeprefix(prefix))
                 return name and ours + name
         return key
     return key_map
@@ -325,8 +306,7 @@ def llava_vision_path(config, folder, vision_path=None):
 
 
 def llava_config(config, folder, vision_path, vision_dim):
-    """The model's settings (QilinConfig's fields but the towers) from a LLaVA config.json, which
-    holds LLaMA's fields at the top and LLaVA's `mm_*` ones beside them."""
+    """QilinConfig's fields but the towers, from a LLaVA config.json (LLaMA's fields and `mm_*` ones)."""
     if config.get("mm_hidden_size", vision_dim) != vision_dim:
         raise CheckpointError(f"{vision_path}: vision tower width {vision_dim} does not match the "
                               f"checkpoint's mm_hidden_size {config['mm_hidden_size']} ({folder})")
@@ -336,8 +316,7 @@ def llava_config(config, folder, vision_path, vision_dim):
 
 
 def llava_hf_config(config, folder):
-    """The model's settings (QilinConfig's fields but the towers) from a llava-hf config.json; the
-    towers' own configs are its `vision_config` and `text_config`."""
+    """The same from a llava-hf config.json (the towers' own are its vision_config and text_config)."""
     if config.get("vision_feature_select_strategy", "default") != "default":
         raise CheckpointError(f"{folder}: vision_feature_select_strategy {config['vision_feature_select_strategy']!r} "
                               f"is not supported (LLaVA drops the class token: 'default')")
@@ -405,45 +384,41 @@ def llava_hf_export_config(vision, text, select_layer, style, image_fit):
 
 
 def write_llava_hf_processor(folder, config, tokenizer, chat_template, placeholder, mean, std):
-    """The files transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog
-    into the model's inputs with: tokenizer, image processor, processor and generation settings, and
-    the chat template. Each says what chat.py does; written without transformers, from its docs:
-    https://huggingface.co/docs/transformers/model_doc/llava
+    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a
+    dialog into the model's inputs, each doing what chat.py does; written without transformers, from
+    its docs: https://huggingface.co/docs/transformers/model_doc/llava
 
     config: the model's QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std:
     CLIP's normalisation."""
     piece = tokenizer.sp.id_to_piece
     files = {
-        # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch
-        # between special tokens gets SentencePiece's dummy prefix, as data.py encodes the text
-        # around <image> and after </s>. BOS comes from the chat template, so none is added here.
+        # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch between special
+        # tokens gets SentencePiece's dummy prefix, as data.py encodes the text around <image> and after </s>.
+        # BOS comes from the chat template, so none is added here.
         "tokenizer_config.json": dict(
             tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
-            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
-            unk_token=piece(tokenizer.sp.unk_id()),
-            pad_token=piece(tokenizer.pad_id), clean_up_tokenization_spaces=False,
-            model_max_length=config.llm.max_seq_len,
+            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id), unk_token=piece(tokenizer.sp.unk_id()),
+            pad_token=piece(tokenizer.pad_id), clean_up_tokenization_spaces=False, model_max_length=config.llm.max_seq_len,
             added_tokens_decoder={str(config.llm.vocab_size): dict(content=placeholder, special=True, normalized=False,
                                                                    lstrip=False, rstrip=False, single_word=False)}),
-        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then
-        # both fits resize the short side bicubically and take the centre square (a no-op when padded)
+        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then both fits
+        # resize the short side bicubically and take the centre square (a no-op when padded)
         "preprocessor_config.json": dict(
             image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
             do_convert_rgb=True, do_pad=config.image_fit == "pad", do_resize=True, resample=3,  # PIL bicubic
             size=dict(shortest_edge=config.vision.image_size), do_center_crop=True,
             crop_size=dict(height=config.vision.image_size, width=config.vision.image_size),
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=mean, image_std=std),
-        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token
-        # ("default"), one per feature the adapter writes into the text
+        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token ("default"),
+        # one per feature the adapter writes into the text
         "processor_config.json": dict(
             processor_class="LlavaProcessor", image_token=placeholder, patch_size=config.vision.patch_size,
             vision_feature_select_strategy="default", num_additional_image_tokens=1),
         "generation_config.json": dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                        pad_token_id=tokenizer.pad_id),
+        "chat_template.jinja": chat_template,
     }
     os.makedirs(folder, exist_ok=True)
     for name, content in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(chat_template)
+            f.write(content if name.endswith(".jinja") else json.dumps(content, indent=2, ensure_ascii=False))
