@@ -1,8 +1,7 @@
 """Reading and writing checkpoint folders: the one loader behind every `from_pretrained`.
 
-The towers of Qilin-Med-VL (paper section 4.1: a CLIP vision encoder, an adapter and a LLaMA-2
-language model) are published as Hugging Face folders: a `config.json` next to the weights, in
-one of three forms:
+The towers of Qilin-Med-VL (paper section 4.1: a CLIP vision encoder, an adapter and a LLaMA-2 language
+model) are published as Hugging Face folders: a `config.json` next to the weights, in one of three forms:
 
     model.safetensors                                  one file
     model-00001-of-00003.safetensors ... + model.safetensors.index.json   shards
@@ -15,9 +14,8 @@ Loading follows three rules:
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
 
-The second half is the whole model's four folder layouts: which one a folder holds, its key table,
-its config fields, and the llava-hf export with the files that serve it. Only names and dicts:
-model.py builds the model.
+The second half knows the whole model's four folder layouts and writes the llava-hf export, in names and
+dicts only: model.py builds the model.
 """
 
 import json
@@ -109,9 +107,8 @@ def read_safetensors(path):
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     tensors = {}
     for key, v in header.items():
-        if v["dtype"] not in SAFETENSORS_DTYPES:
+        if (dtype := SAFETENSORS_DTYPES.get(v["dtype"])) is None:
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
-        dtype = SAFETENSORS_DTYPES[v["dtype"]]
         begin, stop = v["data_offsets"]
         raw = torch.tensor([], dtype=torch.uint8).set_(storage, data_start + begin, (stop - begin,))  # the bytes
         if (data_start + begin) % dtype.itemsize:  # unaligned (rare, mixed dtypes): copy them out to view them
@@ -141,11 +138,8 @@ def read_weights(folder):
 
 
 def assign_weights(module, weights, mapping, dtype=None, device=None, what="model"):
-    """Give a meta-device `module` its parameters from `weights`, strictly.
-
-    mapping: checkpoint key -> module key, or None for a key to ignore on purpose.
-    Floating-point tensors are cast to `dtype` (None keeps the checkpoint's dtype).
-    """
+    """Give a meta-device `module` its parameters from `weights`, strictly. mapping: checkpoint key -> module
+    key, or None for a key to ignore on purpose. Floating-point tensors are cast to `dtype` (None keeps theirs)."""
     expected = module.state_dict()  # on meta: names and shapes only
     state, unexpected, misshaped, wrong = {}, [], [], set()
     for key, t in weights.tensors.items():
@@ -184,17 +178,15 @@ def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30):
             size = 0
         shards[-1][key] = t.detach().contiguous().cpu()
         size += t.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        return
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.nbytes for t in state_dict.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if len(shards) > 1:
+        total = sum(t.nbytes for t in state_dict.values())
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def write_config(folder, config, tokenizer=None):
@@ -223,17 +215,16 @@ def write_output(folder, write):
 
 # ----------------------------------------------------------------------------- the whole model's layouts
 # Qilin-Med-VL comes in four kinds of folder:
-#
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
-#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the
-#             folders of the towers it was trained against (see write_projector)
-#   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released
-#             it (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
+#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the folders of
+#             the towers it was trained against (see write_projector)
+#   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released it
+#             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
 #
-# A key table maps a checkpoint prefix to our module prefix (None: ignore the key); the first row
-# that matches wins, and the rest of the key goes through that tower's own map (vit.clip_key,
-# llama.llama_key), which strips its `vision_model.` or `model.`.
+# A key table maps a checkpoint prefix to our module prefix (None: ignore the key); the first row that
+# matches wins, and the rest of the key goes through that tower's own map (vit.clip_key, llama.llama_key),
+# which strips its `vision_model.` or `model.`.
 
 LLAVA_KEYS = (
     ("model.mm_projector.", "projector."),
@@ -355,9 +346,8 @@ def load_projector(projector, path, dtype=None, device=None):
 
 
 # ---- the llava-hf export ----------------------------------------------------------------------------
-# llava-hf marks images with a real vocabulary id repeated once per feature, so the export grows the
-# vocabulary by one `<image>` row (embedding and output rows set to the mean of the others, as
-# transformers' resize does: never the argmax in practice).
+# llava-hf marks images with a real vocabulary id, repeated once per feature: the export appends an `<image>` row
+# to the embedding and the output (the mean of the others, as transformers' resize sets it: never the argmax).
 
 def to_llava_hf(state_dict):
     """Our state dict (vision.*, projector.0/2.*, llm.*) -> llava-hf's, with the <image> row appended."""
@@ -384,21 +374,20 @@ def llava_hf_export_config(vision, text, select_layer, style, image_fit):
 
 
 def write_llava_hf_processor(folder, config, tokenizer, chat_template, placeholder, mean, std):
-    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a
-    dialog into the model's inputs, each doing what chat.py does; written without transformers, from
-    its docs: https://huggingface.co/docs/transformers/model_doc/llava
-
-    config: the model's QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std:
-    CLIP's normalisation."""
+    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog
+    into the model's inputs as chat.py does; written without transformers, from its docs:
+    https://huggingface.co/docs/transformers/model_doc/llava
+    config: the model's QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std: CLIP's."""
     piece = tokenizer.sp.id_to_piece
     files = {
         # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch between special
-        # tokens gets SentencePiece's dummy prefix, as data.py encodes the text around <image> and after </s>.
+        # tokens gets SentencePiece's dummy prefix, as data.py encodes the text around <image> and after </s>;
         # BOS comes from the chat template, so none is added here.
         "tokenizer_config.json": dict(
             tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
-            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id), unk_token=piece(tokenizer.sp.unk_id()),
-            pad_token=piece(tokenizer.pad_id), clean_up_tokenization_spaces=False, model_max_length=config.llm.max_seq_len,
+            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
+            unk_token=piece(tokenizer.sp.unk_id()), pad_token=piece(tokenizer.pad_id),
+            clean_up_tokenization_spaces=False, model_max_length=config.llm.max_seq_len,
             added_tokens_decoder={str(config.llm.vocab_size): dict(content=placeholder, special=True, normalized=False,
                                                                    lstrip=False, rstrip=False, single_word=False)}),
         # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then both fits
