@@ -141,23 +141,22 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
     """Give a meta-device `module` its parameters from `weights`, strictly. mapping: checkpoint key -> module
     key, or None for a key to ignore on purpose. Floating-point tensors are cast to `dtype` (None keeps theirs)."""
     expected = module.state_dict()  # on meta: names and shapes only
-    state, unexpected, misshaped, wrong = {}, [], [], set()
+    state, unexpected, misshaped = {}, [], {}
     for key, t in weights.tensors.items():
         name = mapping(key)
         if name is None:
             continue
         if name not in expected:
             unexpected.append(f"{key} (in {weights.files[key]})")
-        elif tuple(t.shape) != tuple(expected[name].shape):
-            wrong.add(name)
-            misshaped.append(f"{key} (in {weights.files[key]}): checkpoint {tuple(t.shape)}, "
-                             f"{what} expects {tuple(expected[name].shape)}")
+        elif t.shape != expected[name].shape:
+            misshaped[name] = (f"{key} (in {weights.files[key]}): checkpoint {tuple(t.shape)}, "
+                               f"{what} expects {tuple(expected[name].shape)}")
         else:
             state[name] = t
-    missing = sorted(set(expected) - set(state) - wrong)
+    missing = sorted(set(expected) - set(state) - set(misshaped))
     if missing or unexpected or misshaped:
         lines = [f"{weights.folder}: the checkpoint does not match the {what}:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", [*misshaped.values()])):
             if keys:
                 lines.append(f"  {len(keys)} {label}: " + "; ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         raise CheckpointError("\n".join(lines))
