@@ -14,8 +14,7 @@ Loading follows three rules:
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
 
-The second half knows the whole model's four folder layouts and writes the llava-hf export, in names and
-dicts only: model.py builds the model.
+The second half knows the whole model's four folder layouts and writes the llava-hf export; model.py builds the model.
 """
 
 import json
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-# Element types of the safetensors format (its JSON header spells them like this).
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -60,7 +58,7 @@ def read_config(folder):
 
 
 def weight_files(folder):
-    """The weight files of a folder, in shard order. safetensors is preferred over .bin."""
+    """The weight files of a folder, in shard order (name order if unindexed); safetensors before .bin."""
     names = set(os.listdir(folder))
     for single in ("model.safetensors", "pytorch_model.bin"):
         index = single + ".index.json"
@@ -75,8 +73,7 @@ def weight_files(folder):
             return shards
         if single in names:
             return [single]
-    # Shards without an index (some hand-made folders): take them in name order.
-    for ext in (".safetensors", ".bin"):
+    for ext in (".safetensors", ".bin"):  # shards without an index (some hand-made folders)
         if shards := sorted(n for n in names if n.endswith(ext) and n.startswith(("model", "pytorch_model"))):
             return shards
     raise CheckpointError(f"{folder}: no weights found (expected model*.safetensors or pytorch_model*.bin; "
@@ -111,15 +108,13 @@ def read_safetensors(path):
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
         begin, stop = v["data_offsets"]
         raw = torch.tensor([], dtype=torch.uint8).set_(storage, data_start + begin, (stop - begin,))  # the bytes
-        if (data_start + begin) % dtype.itemsize:  # unaligned (rare, mixed dtypes): copy them out to view them
-            raw = raw.clone()
-        tensors[key] = raw.view(dtype).reshape(v["shape"])
+        aligned = (data_start + begin) % dtype.itemsize == 0  # if not (rare, mixed dtypes), copy them out to view them
+        tensors[key] = (raw if aligned else raw.clone()).view(dtype).reshape(v["shape"])
     return tensors
 
 
 def read_bin(path):
-    """One PyTorch .bin shard, unpickling tensors only (weights_only). It is memory-mapped, unless it is
-    in the old, non-zip format, which cannot be: that is read whole."""
+    """One PyTorch .bin shard, tensors only (weights_only); memory-mapped unless in the old, non-zip format."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
@@ -197,9 +192,9 @@ def write_config(folder, config, tokenizer=None):
 
 
 def write_output(folder, write):
-    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a
-    temporary folder beside it, then each file is renamed into place (atomic on one filesystem),
-    config.json last. Loaders start from config.json, so until then nothing loads."""
+    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a temporary folder
+    beside it, whose files are then renamed into place (atomic on one filesystem), config.json last: loaders start
+    from config.json, so until then nothing loads."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -220,10 +215,8 @@ def write_output(folder, write):
 #   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released it
 #             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
-#
-# A key table maps a checkpoint prefix to our module prefix (None: ignore the key); the first row that
-# matches wins, and the rest of the key goes through that tower's own map (vit.clip_key, llama.llama_key),
-# which strips its `vision_model.` or `model.`.
+# A key table maps a checkpoint prefix to our module prefix (None: ignore the key). The first matching row wins;
+# the rest of the key goes through its tower's map (vit.clip_key, llama.llama_key: strips `vision_model.`, `model.`).
 
 LLAVA_KEYS = (
     ("model.mm_projector.", "projector."),
@@ -265,9 +258,8 @@ def table_key_map(table, tower_keys):
 
 
 def detect_layout(config, weights, vision_path=None):
-    """"qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder
-    is told by its config alone, before any weights are read). vision_path, a separate CLIP folder,
-    only fits a layout without a vision tower of its own."""
+    """"qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder is told by its
+    config alone, before any weights are read). vision_path, a separate CLIP folder, fits only "llava"."""
     kind = config.get("model_type")
     llava_hf = any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
     if vision_path is not None and (kind == "qilin_med_vl" or llava_hf):
@@ -315,9 +307,8 @@ def llava_hf_config(config, folder):
         raise CheckpointError(f"{folder}: vision_feature_layer {layer!r}: only one layer is supported")
     processor = os.path.join(folder, "preprocessor_config.json")  # pad or crop, as the image processor does
     do_pad = json.load(open(processor)).get("do_pad", True) if os.path.isfile(processor) else True
-    # our export records how the model was trained: its prompts and its image fit
-    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit=config.get("image_fit", "pad" if do_pad else "crop"),
-                style=config.get("prompt_style", "release"))
+    fit = config.get("image_fit", "pad" if do_pad else "crop")  # our export records the fit and the prompt style
+    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit=fit, style=config.get("prompt_style", "release"))
 
 
 # ---- stage 1's output: the adapter alone ------------------------------------------------------------
@@ -360,9 +351,8 @@ def to_llava_hf(state_dict):
 
 
 def llava_hf_export_config(vision, text, select_layer, style, image_fit):
-    """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after
-    the vocabulary, repeated once per patch. prompt_style and image_fit (transformers ignores them)
-    let our loader render prompts and fit images as the model was trained."""
+    """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after the vocabulary,
+    once per patch. prompt_style and image_fit (ignored by transformers) tell our loader how the model was trained."""
     image_token = text["vocab_size"]
     return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=vision,
                 prompt_style=style, image_fit=image_fit,
@@ -373,15 +363,13 @@ def llava_hf_export_config(vision, text, select_layer, style, image_fit):
 
 
 def write_llava_hf_processor(folder, config, tokenizer, chat_template, placeholder, mean, std):
-    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog
-    into the model's inputs as chat.py does; written without transformers, from its docs:
-    https://huggingface.co/docs/transformers/model_doc/llava
-    config: the model's QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std: CLIP's."""
+    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog into
+    the model's inputs as chat.py does, written from https://huggingface.co/docs/transformers/model_doc/llava.
+    config: the QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std: CLIP's normalisation."""
     piece = tokenizer.sp.id_to_piece
     files = {
-        # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch between special
-        # tokens gets SentencePiece's dummy prefix, as data.py encodes the text around <image> and after </s>;
-        # BOS comes from the chat template, so none is added here.
+        # LLaMA's SentencePiece model plus a special <image> piece. legacy=True: each stretch between special tokens
+        # gets the dummy prefix, as data.py encodes text around <image> and after </s>; BOS comes from the template.
         "tokenizer_config.json": dict(
             tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
             bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
