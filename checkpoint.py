@@ -216,7 +216,7 @@ def write_output(folder, write):
 #             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
 # A key table maps a checkpoint prefix to our module prefix (None: ignore the key). The first matching row wins;
-# the rest of the key goes through its tower's map (vit.clip_key, llama.llama_key: strips `vision_model.`, `model.`).
+# the rest goes through that tower's own map (vit.clip_key, llama.llama_key), which strips `vision_model.` or `model.`.
 
 LLAVA_KEYS = (
     ("model.mm_projector.", "projector."),
@@ -337,7 +337,7 @@ def load_projector(projector, path, dtype=None, device=None):
 
 # ---- the llava-hf export ----------------------------------------------------------------------------
 # llava-hf marks images with a real vocabulary id, repeated once per feature: the export appends an `<image>` row
-# to the embedding and the output (the mean of the others, as transformers' resize sets it: never the argmax).
+# to the embedding and output (the mean of the others, as transformers' resize sets it: in practice never the argmax).
 
 def to_llava_hf(state_dict):
     """Our state dict (vision.*, projector.0/2.*, llm.*) -> llava-hf's, with the <image> row appended."""
