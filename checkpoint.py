@@ -1,8 +1,7 @@
 """Reading and writing checkpoint folders: the one loader behind every `from_pretrained`.
 
-The towers of Qilin-Med-VL (paper section 4.1: a CLIP vision encoder, an adapter and a LLaMA-2
-language model) are published as Hugging Face folders: a `config.json` next to the weights, in
-one of three forms:
+The towers of Qilin-Med-VL (paper section 4.1: a CLIP vision encoder, an adapter and a LLaMA-2 language
+model) are published as Hugging Face folders: a `config.json` next to the weights, in one of three forms:
 
     model.safetensors                                  one file
     model-00001-of-00003.safetensors ... + model.safetensors.index.json   shards
@@ -15,26 +14,21 @@ Loading follows three rules:
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
 
-The second half is the whole model's folder layouts (ours, stage 1's adapter, the authors' LLaVA
-release, transformers' llava-hf): which one a folder holds, its key table, its config fields, and
-the llava-hf export with the files that serve it. Only names and dicts: model.py builds the model.
+The second half knows the whole model's four folder layouts and writes the llava-hf export; model.py builds the model.
 """
 
 import json
 import os
 import shutil
-import struct
+import zipfile
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
 
-# Element types of the safetensors format (its JSON header spells them like this).
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointError(ValueError):
@@ -64,44 +58,38 @@ def read_config(folder):
 
 
 def weight_files(folder):
-    """The weight files of a folder, in shard order. safetensors is preferred over .bin."""
+    """The weight files of a folder, in shard order (name order if unindexed); safetensors before .bin."""
     names = set(os.listdir(folder))
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = single + ".index.json"
         if index in names:
             try:
                 with open(os.path.join(folder, index)) as f:
                     shards = sorted(set(json.load(f)["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{folder}/{index}: not a valid index (expected JSON with a weight_map)") from None
-            missing = [s for s in shards if s not in names]
-            if missing:
+            if missing := [s for s in shards if s not in names]:
                 raise CheckpointError(f"{folder}/{index} names shard files that are not there: {missing}")
             return shards
         if single in names:
             return [single]
-    # Shards without an index (some hand-made folders): take them in name order.
-    for ext in (".safetensors", ".bin"):
-        shards = sorted(n for n in names if n.endswith(ext) and n.startswith(("model", "pytorch_model")))
-        if shards:
+    for ext in (".safetensors", ".bin"):  # shards without an index (some hand-made folders)
+        if shards := sorted(n for n in names if n.endswith(ext) and n.startswith(("model", "pytorch_model"))):
             return shards
     raise CheckpointError(f"{folder}: no weights found (expected model*.safetensors or pytorch_model*.bin; "
                           f"found {sorted(names)})")
 
 
 def read_safetensors(path):
-    """Memory-map one safetensors file: {key: tensor} viewing the file's bytes, no copy.
-
-    The format is an 8-byte little-endian header length, a JSON header
-    {key: {dtype, shape, data_offsets: [begin, end]}}, then the raw tensor bytes.
-    The mapping is private (copy-on-write): writing to a parameter never touches the file.
-    """
+    """Memory-map one safetensors file: {key: tensor} viewing the file's bytes, no copy. The format is an
+    8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets: [begin, end]}},
+    then the raw bytes. The mapping is private (copy-on-write): writing to a parameter never touches the file."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
+        n = int.from_bytes(head, "little")
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
         try:
@@ -116,29 +104,19 @@ def read_safetensors(path):
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     tensors = {}
     for key, v in header.items():
-        if v["dtype"] not in SAFETENSORS_DTYPES:
+        if (dtype := SAFETENSORS_DTYPES.get(v["dtype"])) is None:
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
-        dtype = SAFETENSORS_DTYPES[v["dtype"]]
         begin, stop = v["data_offsets"]
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        if (data_start + begin) % itemsize == 0:  # aligned: a view into the mapping
-            t = torch.tensor([], dtype=dtype).set_(storage, (data_start + begin) // itemsize, v["shape"])
-        else:  # unaligned (rare, mixed dtypes): copy these bytes out
-            t = torch.frombuffer(bytearray(storage[data_start + begin:data_start + stop]), dtype=dtype)
-            t = t.reshape(v["shape"])
-        tensors[key] = t
+        raw = torch.tensor([], dtype=torch.uint8).set_(storage, data_start + begin, (stop - begin,))  # the bytes
+        aligned = (data_start + begin) % dtype.itemsize == 0  # if not (rare, mixed dtypes), copy them out to view them
+        tensors[key] = (raw if aligned else raw.clone()).view(dtype).reshape(v["shape"])
     return tensors
 
 
 def read_bin(path):
-    """One PyTorch .bin shard, memory-mapped, unpickling tensors only (weights_only)."""
+    """One PyTorch .bin shard, tensors only (weights_only); memory-mapped unless in the old, non-zip format."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # files in the old, non-zip format cannot be mapped: read them whole
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0]})") from None
@@ -148,37 +126,32 @@ def read_weights(folder):
     """Every tensor of a checkpoint folder, memory-mapped."""
     tensors, files = {}, {}
     for name in weight_files(folder):
-        path = os.path.join(folder, name)
-        shard = read_safetensors(path) if name.endswith(".safetensors") else read_bin(path)
-        for key, t in shard.items():
+        read = read_safetensors if name.endswith(".safetensors") else read_bin
+        for key, t in read(os.path.join(folder, name)).items():
             tensors[key], files[key] = t, name
     return Weights(tensors, files, folder)
 
 
 def assign_weights(module, weights, mapping, dtype=None, device=None, what="model"):
-    """Give a meta-device `module` its parameters from `weights`, strictly.
-
-    mapping: checkpoint key -> module key, or None for a key to ignore on purpose.
-    Floating-point tensors are cast to `dtype` (None keeps the checkpoint's dtype).
-    """
+    """Give a meta-device `module` its parameters from `weights`, strictly. mapping: checkpoint key -> module
+    key, or None for a key to ignore on purpose. Floating-point tensors are cast to `dtype` (None keeps theirs)."""
     expected = module.state_dict()  # on meta: names and shapes only
-    state, unexpected, misshaped, wrong = {}, [], [], set()
+    state, unexpected, misshaped = {}, [], {}
     for key, t in weights.tensors.items():
         name = mapping(key)
         if name is None:
             continue
         if name not in expected:
             unexpected.append(f"{key} (in {weights.files[key]})")
-        elif tuple(t.shape) != tuple(expected[name].shape):
-            wrong.add(name)
-            misshaped.append(f"{key} (in {weights.files[key]}): checkpoint {tuple(t.shape)}, "
-                             f"{what} expects {tuple(expected[name].shape)}")
+        elif t.shape != expected[name].shape:
+            misshaped[name] = (f"{key} (in {weights.files[key]}): checkpoint {tuple(t.shape)}, "
+                               f"{what} expects {tuple(expected[name].shape)}")
         else:
             state[name] = t
-    missing = sorted(set(expected) - set(state) - wrong)
+    missing = sorted(set(expected) - set(state) - set(misshaped))
     if missing or unexpected or misshaped:
         lines = [f"{weights.folder}: the checkpoint does not match the {what}:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", [*misshaped.values()])):
             if keys:
                 lines.append(f"  {len(keys)} {label}: " + "; ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         raise CheckpointError("\n".join(lines))
@@ -192,27 +165,22 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
 def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30):
     """Write a state dict as safetensors shards + model.safetensors.index.json (HF's layout)."""
     os.makedirs(folder, exist_ok=True)
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for key, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = t.detach().contiguous().cpu()
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().contiguous().cpu()
+        size += t.nbytes
+    weight_map = {}
     for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        weight_map.update(dict.fromkeys(shard, name))
+    if len(shards) > 1:
+        total = sum(t.nbytes for t in state_dict.values())
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def write_config(folder, config, tokenizer=None):
@@ -224,9 +192,9 @@ def write_config(folder, config, tokenizer=None):
 
 
 def write_output(folder, write):
-    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a
-    temporary folder beside it, then each file is renamed into place (atomic on one filesystem),
-    config.json last. Loaders start from config.json, so until then nothing loads."""
+    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a temporary folder
+    beside it, whose files are then renamed into place (atomic on one filesystem), config.json last: loaders start
+    from config.json, so until then nothing loads."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -240,18 +208,15 @@ def write_output(folder, write):
 
 
 # ----------------------------------------------------------------------------- the whole model's layouts
-# Qilin-Med-VL (paper section 4.1: vision tower, adapter, LLM) comes in four kinds of folder:
-#
+# Qilin-Med-VL comes in four kinds of folder:
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
-#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the
-#             folders of the towers it was trained against (see write_projector)
-#   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released
-#             it (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
+#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the folders of
+#             the towers it was trained against (see write_projector)
+#   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released it
+#             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
-#
-# A key table maps a checkpoint prefix to our module prefix (None: ignore the key); the first row
-# that matches wins, and the rest of the key goes through that tower's own map (vit.clip_key,
-# llama.llama_key), which strips its `vision_model.` or `model.`.
+# A key table maps a checkpoint prefix to our module prefix (None: ignore the key). The first matching row wins;
+# the rest goes through that tower's own map (vit.clip_key, llama.llama_key), which strips `vision_model.` or `model.`.
 
 LLAVA_KEYS = (
     ("model.mm_projector.", "projector."),
@@ -286,17 +251,15 @@ def table_key_map(table, tower_keys):
             if key.startswith(prefix):
                 if ours is None:
                     return None
-                rest = key.removeprefix(prefix)
-                name = tower_keys.get(ours.split(".")[0], lambda k: k)(rest)
+                name = tower_keys.get(ours.split(".")[0], lambda k: k)(key.removeprefix(prefix))
                 return name and ours + name
         return key
     return key_map
 
 
 def detect_layout(config, weights, vision_path=None):
-    """"qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder
-    is told by its config alone, before any weights are read). vision_path, a separate CLIP folder,
-    only fits a layout without a vision tower of its own."""
+    """"qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder is told by its
+    config alone, before any weights are read). vision_path, a separate CLIP folder, fits only "llava"."""
     kind = config.get("model_type")
     llava_hf = any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
     if vision_path is not None and (kind == "qilin_med_vl" or llava_hf):
@@ -325,8 +288,7 @@ def llava_vision_path(config, folder, vision_path=None):
 
 
 def llava_config(config, folder, vision_path, vision_dim):
-    """The model's settings (QilinConfig's fields but the towers) from a LLaVA config.json, which
-    holds LLaMA's fields at the top and LLaVA's `mm_*` ones beside them."""
+    """QilinConfig's fields but the towers, from a LLaVA config.json (LLaMA's fields and `mm_*` ones)."""
     if config.get("mm_hidden_size", vision_dim) != vision_dim:
         raise CheckpointError(f"{vision_path}: vision tower width {vision_dim} does not match the "
                               f"checkpoint's mm_hidden_size {config['mm_hidden_size']} ({folder})")
@@ -336,8 +298,7 @@ def llava_config(config, folder, vision_path, vision_dim):
 
 
 def llava_hf_config(config, folder):
-    """The model's settings (QilinConfig's fields but the towers) from a llava-hf config.json; the
-    towers' own configs are its `vision_config` and `text_config`."""
+    """The same from a llava-hf config.json (the towers' own are its vision_config and text_config)."""
     if config.get("vision_feature_select_strategy", "default") != "default":
         raise CheckpointError(f"{folder}: vision_feature_select_strategy {config['vision_feature_select_strategy']!r} "
                               f"is not supported (LLaVA drops the class token: 'default')")
@@ -346,9 +307,8 @@ def llava_hf_config(config, folder):
         raise CheckpointError(f"{folder}: vision_feature_layer {layer!r}: only one layer is supported")
     processor = os.path.join(folder, "preprocessor_config.json")  # pad or crop, as the image processor does
     do_pad = json.load(open(processor)).get("do_pad", True) if os.path.isfile(processor) else True
-    # our export records how the model was trained: its prompts and its image fit
-    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit=config.get("image_fit", "pad" if do_pad else "crop"),
-                style=config.get("prompt_style", "release"))
+    fit = config.get("image_fit", "pad" if do_pad else "crop")  # our export records the fit and the prompt style
+    return dict(projector="mlp2x_gelu", select_layer=layer, image_fit=fit, style=config.get("prompt_style", "release"))
 
 
 # ---- stage 1's output: the adapter alone ------------------------------------------------------------
@@ -376,9 +336,8 @@ def load_projector(projector, path, dtype=None, device=None):
 
 
 # ---- the llava-hf export ----------------------------------------------------------------------------
-# llava-hf marks images with a real vocabulary id repeated once per feature, so the export grows the
-# vocabulary by one `<image>` row (embedding and output rows set to the mean of the others, as
-# transformers' resize does: never the argmax in practice).
+# llava-hf marks images with a real vocabulary id, repeated once per feature: the export appends an `<image>` row
+# to the embedding and output (the mean of the others, as transformers' resize sets it: in practice never the argmax).
 
 def to_llava_hf(state_dict):
     """Our state dict (vision.*, projector.0/2.*, llm.*) -> llava-hf's, with the <image> row appended."""
@@ -392,9 +351,8 @@ def to_llava_hf(state_dict):
 
 
 def llava_hf_export_config(vision, text, select_layer, style, image_fit):
-    """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after
-    the vocabulary, repeated once per patch. prompt_style and image_fit (transformers ignores them)
-    let our loader render prompts and fit images as the model was trained."""
+    """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after the vocabulary,
+    once per patch. prompt_style and image_fit (ignored by transformers) tell our loader how the model was trained."""
     image_token = text["vocab_size"]
     return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=vision,
                 prompt_style=style, image_fit=image_fit,
@@ -405,45 +363,38 @@ def llava_hf_export_config(vision, text, select_layer, style, image_fit):
 
 
 def write_llava_hf_processor(folder, config, tokenizer, chat_template, placeholder, mean, std):
-    """The files transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog
-    into the model's inputs with: tokenizer, image processor, processor and generation settings, and
-    the chat template. Each says what chat.py does; written without transformers, from its docs:
-    https://huggingface.co/docs/transformers/model_doc/llava
-
-    config: the model's QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std:
-    CLIP's normalisation."""
+    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog into
+    the model's inputs as chat.py does, written from https://huggingface.co/docs/transformers/model_doc/llava.
+    config: the QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std: CLIP's normalisation."""
     piece = tokenizer.sp.id_to_piece
     files = {
-        # LLaMA's SentencePiece model plus one special <image> piece. legacy=True: every stretch
-        # between special tokens gets SentencePiece's dummy prefix, as data.py encodes the text
-        # around <image> and after </s>. BOS comes from the chat template, so none is added here.
+        # LLaMA's SentencePiece model plus a special <image> piece. legacy=True: each stretch between special tokens
+        # gets the dummy prefix, as data.py encodes text around <image> and after </s>; BOS comes from the template.
         "tokenizer_config.json": dict(
             tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
             bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
-            unk_token=piece(tokenizer.sp.unk_id()),
-            pad_token=piece(tokenizer.pad_id), clean_up_tokenization_spaces=False,
-            model_max_length=config.llm.max_seq_len,
+            unk_token=piece(tokenizer.sp.unk_id()), pad_token=piece(tokenizer.pad_id),
+            clean_up_tokenization_spaces=False, model_max_length=config.llm.max_seq_len,
             added_tokens_decoder={str(config.llm.vocab_size): dict(content=placeholder, special=True, normalized=False,
                                                                    lstrip=False, rstrip=False, single_word=False)}),
-        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then
-        # both fits resize the short side bicubically and take the centre square (a no-op when padded)
+        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then both fits
+        # resize the short side bicubically and take the centre square (a no-op when padded)
         "preprocessor_config.json": dict(
             image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
             do_convert_rgb=True, do_pad=config.image_fit == "pad", do_resize=True, resample=3,  # PIL bicubic
             size=dict(shortest_edge=config.vision.image_size), do_center_crop=True,
             crop_size=dict(height=config.vision.image_size, width=config.vision.image_size),
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=mean, image_std=std),
-        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token
-        # ("default"), one per feature the adapter writes into the text
+        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token ("default"),
+        # one per feature the adapter writes into the text
         "processor_config.json": dict(
             processor_class="LlavaProcessor", image_token=placeholder, patch_size=config.vision.patch_size,
             vision_feature_select_strategy="default", num_additional_image_tokens=1),
         "generation_config.json": dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                        pad_token_id=tokenizer.pad_id),
+        "chat_template.jinja": chat_template,
     }
     os.makedirs(folder, exist_ok=True)
     for name, content in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(chat_template)
+            f.write(content if name.endswith(".jinja") else json.dumps(content, indent=2, ensure_ascii=False))

@@ -1,14 +1,12 @@
 """CLIP ViT-L/14-336, the frozen vision encoder of Qilin-Med-VL (paper section 4.1).
 
-The image is cut into 14x14 patches (336/14 = 24, so 24x24 = 576 patches), each patch is
-embedded, a class token is prepended, and 24 pre-LayerNorm transformer blocks mix them. Like
-LLaVA, Qilin-Med-VL takes the patch tokens of the *penultimate* block (`hidden_states[-2]` in
-Hugging Face's terms) and drops the class token: (B, 576, 1024) features per image. The encoder
-is frozen in both training stages (paper section 4.2).
+The image is cut into 14x14 patches (336/14 = 24, so 24x24 = 576 patches), each patch is embedded, a class
+token is prepended, and 24 pre-LayerNorm transformer blocks mix them. Like LLaVA, Qilin-Med-VL takes the patch
+tokens of the *penultimate* block (`hidden_states[-2]` in Hugging Face's terms) and drops the class token:
+(B, 576, 1024) features per image. The encoder is frozen in both training stages (paper section 4.2).
 
-Reference: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
-Supervision"; module names follow the official checkpoint (openai/clip-vit-large-patch14-336)
-so loading is a prefix strip.
+Reference: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision";
+module names follow the official checkpoint (openai/clip-vit-large-patch14-336) so loading is a prefix strip.
 """
 
 from dataclasses import dataclass
@@ -47,8 +45,7 @@ class VisionArgs:
 
     @classmethod
     def from_hf_config(cls, config):
-        """From a CLIPConfig (vision part nested under `vision_config`) or a flat CLIPVisionConfig.
-        Absent keys take Hugging Face's defaults."""
+        """From a CLIPConfig (its `vision_config`) or a flat CLIPVisionConfig; absent keys take HF's defaults."""
         c = config.get("vision_config", config)
         if c.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
             raise ValueError(f"vision hidden_act {c['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
@@ -82,8 +79,7 @@ class Embeddings(nn.Module):
         nn.init.normal_(self.class_embedding, std=args.dim ** -0.5)  # only matters for a random tower
 
     def forward(self, pixel_values):  # (B, 3, H, W)
-        x = self.patch_embedding(pixel_values)  # (B, C, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C), patches in row-major order
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, C, H/p, W/p) -> (B, N, C), row-major
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N, C)
         return x + self.position_embedding.weight.to(x.dtype)
@@ -142,17 +138,13 @@ class VisionTransformer(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(args.dim, eps=args.norm_eps)  # sic: the checkpoint's spelling
         # A dict so the parameter names read `encoder.layers.N.*`, as in the checkpoint.
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(args) for _ in range(args.n_layers))})
-        # CLIP's post_layernorm only serves the pooled class token, which LLaVA never uses. It is
-        # kept so that a tower loads and exports (model.export_llava_hf) with every official tensor.
+        # Serves only CLIP's pooled class token, unused by LLaVA: kept so that every official tensor loads and exports.
         self.post_layernorm = nn.LayerNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, pixel_values, select_layer=-2):
-        """(B, 3, S, S) pixels -> (B, num_patches, dim) patch features.
-
-        select_layer indexes Hugging Face's `hidden_states` list: entry 0 is the embedding after
-        pre_layrnorm, entry i the output of block i, so -2 is the output of the second-to-last
-        block. Blocks after the selected one are not run at all.
-        """
+        """(B, 3, S, S) pixels -> (B, num_patches, dim) patch features. select_layer indexes Hugging Face's
+        `hidden_states` list: entry 0 is the embedding after pre_layrnorm, entry i the output of block i, so
+        -2 is the output of the second-to-last block. Blocks after the selected one are not run at all."""
         n_blocks = select_layer % (self.args.n_layers + 1)  # -2 -> 23 of 24 for ViT-L
         x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
         for layer in self.encoder["layers"][:n_blocks]:
@@ -185,10 +177,8 @@ if __name__ == "__main__":
     # Features of a random image from a randomly initialised demo tower, or from a real CLIP folder.
     import sys
 
-    if len(sys.argv) > 1:
-        vit = VisionTransformer.from_pretrained(sys.argv[1])
-    else:
-        vit = VisionTransformer(VisionArgs.preset("demo")).eval()
+    vit = (VisionTransformer.from_pretrained(sys.argv[1]) if len(sys.argv) > 1
+           else VisionTransformer(VisionArgs.preset("demo")).eval())
     size = vit.args.image_size
     with torch.no_grad():
         feats = vit(torch.randn(1, 3, size, size))
