@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -333,6 +334,104 @@ def load_projector(projector, path, dtype=None, device=None):
         file, tensors, key_map = path, read_bin(path), lambda k: k.split("mm_projector.")[-1]
     weights = Weights(tensors, {k: os.path.basename(file) for k in tensors}, os.path.dirname(file))
     assign_weights(projector, weights, key_map, dtype, device, what="projector")
+
+
+def read_stage1_config(folder):
+    """Stage 1's config.json, checked: stage 2 starts from its adapter, with its towers and prompts."""
+    config = read_config(folder)
+    if config.get("model_type") != "qilin_med_vl_projector":
+        raise CheckpointError(f"{folder}: config.json is not a stage-1 output "
+                              f"(model_type {config.get('model_type')!r}, expected 'qilin_med_vl_projector')")
+    if missing := [key for key in ("projector", "style", "vision_path", "llm_path") if key not in config]:
+        raise CheckpointError(f"{folder}/config.json lacks {', '.join(missing)} "
+                              f"(it was not written by this train.py's stage 1)")
+    return config
+
+
+# ---- train.py's run folder: args.json, metrics.jsonl, checkpoints/step-N, then the trained model ----------
+# A checkpoint is DeepSpeed's resumable state (engine, optimizer, scheduler, our step counters) and run.json,
+# the settings a resumed run must share; `checkpoints/latest` names the newest complete one.
+
+def latest_checkpoint(folder):
+    """The tag `checkpoints/latest` points to, or None."""
+    path = os.path.join(folder, "checkpoints", "latest")
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
+def check_output_folder(folder, resume, overwrite):
+    """Refuse to mix two runs in one folder; --resume needs a checkpoint to resume from."""
+    if resume and latest_checkpoint(folder) is None:
+        raise CheckpointError(f"--resume: {folder} has no checkpoints/latest to resume from (was it run with "
+                              f"--save-every?)")
+    if not resume and not overwrite and os.path.isdir(folder) and os.listdir(folder):
+        raise CheckpointError(f"{folder} already holds another run ({', '.join(sorted(os.listdir(folder))[:5])}); "
+                              f"pass --resume to continue it, --overwrite to replace it, or choose another --output")
+
+
+def check_resume(folder, run):
+    """Stop before anything is written if the latest checkpoint's run.json differs from `run`."""
+    tag = latest_checkpoint(folder)
+    path = os.path.join(folder, "checkpoints", tag, "run.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume: {path} is missing, so {folder}/checkpoints/{tag} is not a complete checkpoint")
+    with open(path) as f:
+        saved = json.load(f)
+    if changed := [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]:
+        raise CheckpointError(f"cannot resume {folder}/checkpoints/{tag}: this run's settings differ from the "
+                              f"checkpoint's ({'; '.join(changed)}). Resume with the same settings, or start a new run "
+                              f"with --overwrite or another --output")
+
+
+def prepare_output(folder, overwrite, args):
+    """The run folder, made (or emptied, to overwrite) by rank 0 once every input has been checked."""
+    if dist.get_rank() == 0:
+        if overwrite:
+            shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "args.json"), "w") as f:
+            json.dump(args, f, indent=2)
+    dist.barrier()
+
+
+def save_checkpoint(engine, folder, state, run):
+    """A resumable checkpoint under a new tag; `latest` moves to it only once every rank is done, and older
+    ones are deleted. Frozen weights are left out (a resume rebuilds them from the towers), and no random
+    state is saved: nothing in a step draws random numbers (data order and prompts are seeded by the epoch)."""
+    root, tag, first = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}", dist.get_rank() == 0
+    if first:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
+    if first:
+        with open(os.path.join(root, tag, "run.json"), "w") as f:
+            json.dump(run, f, indent=2)
+    dist.barrier()  # every rank has written its part of this tag
+    if first:
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))  # DeepSpeed's pointer format
+        for old in os.listdir(root):
+            if old.startswith("step-") and old != tag:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def resume(engine, folder):
+    """Restore engine, optimizer and scheduler from the latest checkpoint: (tag, train.py's step counters).
+    metrics.jsonl keeps the steps up to the checkpoint (those after it run again) and loses a line a kill tore."""
+    tag = latest_checkpoint(folder)
+    path, state = engine.load_checkpoint(os.path.join(folder, "checkpoints"), tag=tag, load_module_strict=False)
+    if path is None:
+        raise CheckpointError(f"{folder}/checkpoints/{tag}: DeepSpeed could not load this checkpoint")
+    metrics = os.path.join(folder, "metrics.jsonl")
+    if dist.get_rank() == 0 and os.path.isfile(metrics):
+        with open(metrics) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+    return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
 
 
 # ---- the llava-hf export ----------------------------------------------------------------------------

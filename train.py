@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -34,7 +33,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, read_config, write_output
+from checkpoint import (CheckpointError, check_output_folder, check_resume, latest_checkpoint, prepare_output,
+                        read_config, read_stage1_config, resume, save_checkpoint, write_output)
 from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, Tokenizer, collate, length_grouped_batches
 import llama
 from llama import LlamaArgs
@@ -48,15 +48,17 @@ DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_len
         2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1,
                 output="runs/demo-stage2", stage1_output="runs/demo-stage1")}
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A800": 312, "L40S": 362}  # dense bf16, by datasheet
+# What a resumed run must share with the one it continues: the data order, the lr schedule and the layout of
+# DeepSpeed's checkpoint follow from them. Kept in every checkpoint as run.json.
+RUN_SETTINGS = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size",
+                "grad_accum", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
 MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_positions", "loss_positions")  # from collate
 EPILOG = """
-metrics.jsonl, one line per optimizer step: step, epoch (fractional), loss (mean over ranks and
-micro-steps), lr (the one this step used), tokens (all ranks, image features included),
-tokens_per_s, mfu (model FLOPs / peak: see --peak-tflops; null on a CPU unless given), skipped
-(samples excluded when the data was read, plus those dropped while training: an unreadable image,
-or too long with that epoch's prompt); with --log-sample-ids also ids.
-
-DeepSpeed's own monitors (off by default) are switched on with --deepspeed-config, e.g.
+metrics.jsonl, one line per optimizer step: step, epoch (fractional), loss (mean over ranks and micro-steps),
+lr (the one this step used), tokens (all ranks, image features included), tokens_per_s, mfu (see --peak-tflops),
+skipped (samples excluded when the data was read or dropped while training: an unreadable image, or too long
+with that epoch's prompt); with --log-sample-ids also ids. DeepSpeed's own monitors are off unless switched on
+with --deepspeed-config, e.g.
   {"tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "stage2"},
    "csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
 """
@@ -86,18 +88,17 @@ def arg_parser():
                    "stage 1, pad in stage 2, as the release)")
     g.add_argument("--max-length", type=int, help="longest sequence, image features included (default 2048)")
     g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="refuse images whose header says "
-                   f"more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); larger ones are read at a few times "
-                   "the model's input size")
+                   f"more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); larger ones are read smaller")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per GPU per micro-step (default 32 stage 1, 16 stage 2)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 stage 1, 2e-5 stage 2)")
     g.add_argument("--epochs", type=int, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int,
-                   help="stop after this many optimizer steps, at most --epochs epochs (the lr schedule ends there)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, at most --epochs epochs "
+                   "(the lr schedule ends there)")
     g.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up (default 0.03)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (default 1.0, as LLaVA's trainer)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (default 1.0, as LLaVA)")
     g.add_argument("--seed", type=int, default=42, help="data order, paper prompt choice, demo towers (default 42)")
     g = p.add_argument_group("system")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 2 in stage 1, 3 in stage 2)")
@@ -111,8 +112,8 @@ def arg_parser():
                    help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE", help="JSON merged over deepspeed_config()'s (example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
-    g.add_argument("--peak-tflops", type=float, help="one GPU's dense bf16 peak TFLOP/s for MFU (default: by name, A100 312, "
-                   "H100/H200 SXM 989; 312 for a GPU not in that list)")
+    g.add_argument("--peak-tflops", type=float, help="one GPU's dense bf16 peak TFLOP/s for MFU (default: by name, "
+                   "A100 312, H100/H200 SXM 989; 312 for a GPU not in that list; none on a CPU)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -136,12 +137,11 @@ def parse_args(argv=None):
     for flag in ("batch_size", "grad_accum", "save_every", "epochs", "max_steps", "max_image_pixels"):
         if (value := getattr(args, flag)) is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
-    if not args.lr > 0:
-        p.error(f"--lr must be above 0, not {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
-        p.error(f"--warmup-ratio must be at least 0 and below 1, not {args.warmup_ratio}")
-    if args.resume and args.overwrite:
-        p.error("--resume continues the run in --output and --overwrite deletes it: choose one")
+    for bad, message in ((not args.lr > 0, f"--lr must be above 0, not {args.lr}"),
+                         (not 0 <= args.warmup_ratio < 1, f"--warmup-ratio must be at least 0 and below 1, not {args.warmup_ratio}"),
+                         (args.resume and args.overwrite, "--resume continues the run in --output and --overwrite deletes it: choose one")):
+        if bad:
+            p.error(message)
     for flag in ("data", "image_root", "output"):
         if getattr(args, flag) is None:
             fail(f"--{flag.replace('_', '-')} is required (or --demo)")
@@ -173,7 +173,7 @@ def log(message):
 
 
 def setup_process():
-    """(rank, local rank, world size, device) for this process, and the settings the run needs."""
+    """(rank, world size, device) of this process, and the settings the run needs."""
     launched = "LOCAL_RANK" in os.environ  # torchrun or DeepSpeed's launcher; else `python train.py`, one process
     for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
         os.environ.setdefault(key, str(value))
@@ -181,41 +181,33 @@ def setup_process():
         # torchrun starts each worker in a session of its own, so `kill -9` of torchrun would leave
         # them training and writing checkpoints. Ask the kernel to kill this worker with its parent.
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if not torch.cuda.is_available():
-        return rank, local_rank, world, torch.device("cpu")
+        return rank, world, torch.device("cpu")
     torch.cuda.set_device(local_rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # cuDNN's attention plans its kernels anew for every sequence length, and every batch has a
     # new one: that alone cost a third of the step. Flash attention (then memory-efficient) needs no plan.
     torch.backends.cuda.enable_cudnn_sdp(False)
-    return rank, local_rank, world, torch.device("cuda", local_rank)
+    return rank, world, torch.device("cuda", local_rank)
 
 
 # ----------------------------------------------------------------------------- model and data
 
-def resolve_model_choices(args):
-    """Fill --projector, --style, --image-fit, --vision and --llm where not given: in stage 2 from stage 1's
-    config.json (its adapter fits only those towers, that shape and those prompts), else the paper's."""
+def build_model(args, dtype, device=None):
+    """(model, config, tokenizer path). --projector, --style, --image-fit, --vision and --llm are filled where
+    not given: in stage 2 from stage 1's config.json (its adapter fits only those towers, that shape and those
+    prompts), else the paper's. The towers come from their folders (the demo's are random), the adapter fresh or
+    from stage 1; weights are cast on `device`, so no host copy of 13B is converted."""
     if args.stage == 2:
-        s1, where = read_config(args.stage1_output), args.stage1_output
-        if s1.get("model_type") != "qilin_med_vl_projector":
-            raise CheckpointError(f"{where}: config.json is not a stage-1 output "
-                                  f"(model_type {s1.get('model_type')!r}, expected 'qilin_med_vl_projector')")
-        if missing := [key for key in ("projector", "style", "vision_path", "llm_path") if key not in s1]:
-            raise CheckpointError(f"{where}/config.json lacks {', '.join(missing)} "
-                                  f"(it was not written by this train.py's stage 1)")
+        s1 = read_stage1_config(args.stage1_output)
         if args.projector not in (None, s1["projector"]):
-            raise CheckpointError(f"--projector {args.projector} but {where} holds a {s1['projector']!r} adapter")
+            raise CheckpointError(f"--projector {args.projector} but {args.stage1_output} holds a "
+                                  f"{s1['projector']!r} adapter")
         args.projector, args.style = s1["projector"], args.style or s1["style"]
         args.vision, args.llm = args.vision or s1["vision_path"], args.llm or s1["llm_path"]
     args.projector, args.style = args.projector or "linear", args.style or "paper"
     args.image_fit = args.image_fit or ("crop" if args.stage == 1 else "pad")
-
-
-def build_model(args, dtype, device=None):
-    """(model, config, tokenizer path), after resolve_model_choices: the towers from their folders (the
-    demo's random), the adapter fresh or stage 1's; cast on `device`, so no host copy of 13B is converted."""
     if args.demo and args.stage == 1 and args.vision is None:
         tokenizer = str(SAMPLES / "tokenizer.model")
         vision, llm = VisionArgs.preset("demo"), LlamaArgs.preset("demo")
@@ -232,33 +224,34 @@ def build_model(args, dtype, device=None):
 
 
 def load_everything(args, dtype, device):
-    """(model, config, tokenizer, tokenizer path, dataset): every input checked on every rank before
-    any process waits for another or anything is written."""
-    check_output_folder(args)
+    """(model, config, tokenizer, tokenizer path, dataset, run settings): every input checked on every rank
+    before any process waits for another or anything is written."""
     if not os.path.isfile(args.data):
         fail(f"--data {args.data}: no such file")
     if not os.path.isdir(args.image_root):
         fail(f"--image-root {args.image_root}: no such folder")
     try:
-        resolve_model_choices(args)
+        check_output_folder(args.output, args.resume, args.overwrite)
         model, config, tokenizer_path = build_model(args, dtype, device)
         tokenizer = Tokenizer(tokenizer_path)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
-        fail(message + (" (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""))
-    if tokenizer.vocab_size != config.llm.vocab_size:
-        fail(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is {config.llm.vocab_size}")
-    try:
+        if tokenizer.vocab_size != config.llm.vocab_size:
+            raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is "
+                             f"{config.llm.vocab_size}")
         dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
                                 style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
                                 max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed,
                                 max_image_pixels=args.max_image_pixels)
-    except ValueError as e:  # a data file that is not JSON or JSON lines
-        fail(str(e))
-    if len(dataset) == 0:
-        hint = f" (are the images under --image-root {args.image_root}?)" if dataset.skipped["missing_image"] else ""
-        fail(f"no sample to train on: {dataset.report()}{hint}")
-    return model, config, tokenizer, tokenizer_path, dataset
+        if len(dataset) == 0:
+            hint = f" (are the images under --image-root {args.image_root}?)" if dataset.skipped["missing_image"] else ""
+            raise ValueError(f"no sample to train on: {dataset.report()}{hint}")
+        run = dict({k: getattr(args, k) for k in RUN_SETTINGS}, world_size=int(os.environ["WORLD_SIZE"]),
+                   data=os.path.abspath(args.data), samples=len(dataset))
+        if args.resume:
+            check_resume(args.output, run)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
+        fail(message + (" (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""))
+    return model, config, tokenizer, tokenizer_path, dataset, run
 
 
 def epoch_batches(dataset, args, world, rank, epoch):
@@ -271,20 +264,18 @@ def epoch_batches(dataset, args, world, rank, epoch):
 
 # ----------------------------------------------------------------------------- DeepSpeed
 
-def deepspeed_config(args, world_size, on_gpu, llm_args=None):
+def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
     """The whole DeepSpeed configuration, in one place; --deepspeed-config merges over it."""
     # overlap_comm: reduce gradients while the backward pass goes on; contiguous: no fragmentation.
     zero = {"stage": args.zero, "overlap_comm": on_gpu, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if args.zero == 3:
-        layer = 4 * 5120 ** 2 + 3 * 5120 * 13824 if llm_args is None else \
-            llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights per block
-        zero.update(
-            stage3_prefetch_bucket_size=int(1.5 * layer),  # gather the next block's weights while this one computes
-            # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
-            stage3_param_persistence_threshold=10 * (5120 if llm_args is None else llm_args.dim),
-            reduce_bucket_size=layer,  # reduce a block's gradients as soon as its backward is done
-            stage3_gather_16bit_weights_on_model_save=True)
+        block = llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights
+        zero.update(stage3_prefetch_bucket_size=int(1.5 * block),  # gather the next block while this one computes
+                    # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
+                    stage3_param_persistence_threshold=10 * llm_args.dim,
+                    reduce_bucket_size=block,  # reduce a block's gradients as soon as its backward is done
+                    stage3_gather_16bit_weights_on_model_save=True)
     if args.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if args.offload == "all" and args.zero == 3:
@@ -394,120 +385,6 @@ def step_flops(lengths, n_logits, llm_args, stage):
     return sum(T * per_token(T, False) for T in lengths) + n_logits * head
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def latest_checkpoint(folder):
-    """The tag `checkpoints/latest` points to, or None."""
-    path = os.path.join(folder, "checkpoints", "latest")
-    return open(path).read().strip() if os.path.isfile(path) else None
-
-
-def check_output_folder(args):
-    """Refuse to mix two runs in one folder; --resume needs a checkpoint to resume from."""
-    out = args.output
-    if args.resume and latest_checkpoint(out) is None:
-        fail(f"--resume: {out} has no checkpoints/latest to resume from (was it run with --save-every?)")
-    if not args.resume and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        fail(f"{out} already holds another run ({', '.join(sorted(os.listdir(out))[:5])}); pass --resume to continue "
-             f"it, --overwrite to replace it, or choose another --output")
-
-
-def run_settings(args, world, samples):
-    """What a resumed run must share with the one it continues (the data order, the lr schedule and the
-    layout of DeepSpeed's checkpoint follow from them), kept in every checkpoint as run.json. --resume
-    stops here, before anything is written, if the latest checkpoint's differ."""
-    keys = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size", "grad_accum",
-            "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
-    run = dict({k: getattr(args, k) for k in keys}, world_size=world, data=os.path.abspath(args.data), samples=samples)
-    if args.resume:
-        tag = latest_checkpoint(args.output)
-        path = os.path.join(args.output, "checkpoints", tag, "run.json")
-        if not os.path.isfile(path):
-            fail(f"--resume: {path} is missing, so {args.output}/checkpoints/{tag} is not a complete checkpoint")
-        with open(path) as f:
-            saved = json.load(f)
-        changed = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run.items() if saved.get(key) != value]
-        if changed:
-            fail(f"cannot resume {args.output}/checkpoints/{tag}: this run's settings differ from the checkpoint's "
-                 f"({'; '.join(changed)}). Resume with the same settings, or start a new run with --overwrite or "
-                 f"another --output")
-    return run
-
-
-def save_checkpoint(engine, folder, state, run):
-    """A resumable checkpoint under a new tag; `latest` moves to it only once every rank is done.
-    Frozen weights are left out (a resume rebuilds them from the towers), and no random state is
-    saved: nothing in a step draws random numbers (data order and prompts are seeded by the epoch)."""
-    root, tag = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}"
-    if rank_zero():
-        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
-    dist.barrier()
-    engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
-    if rank_zero():
-        with open(os.path.join(root, tag, "run.json"), "w") as f:
-            json.dump(run, f, indent=2)
-    dist.barrier()  # every rank has written its part of this tag
-    if rank_zero():
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))  # DeepSpeed's pointer format
-        for old in os.listdir(root):
-            if old.startswith("step-") and old != tag:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-
-
-def resume(engine, folder):
-    """Restore engine, optimizer and scheduler from the latest checkpoint; return (tag, state).
-    metrics.jsonl keeps only the steps up to the checkpoint: those after it run again."""
-    tag = latest_checkpoint(folder)
-    path, state = engine.load_checkpoint(os.path.join(folder, "checkpoints"), tag=tag, load_module_strict=False)
-    if path is None:
-        raise CheckpointError(f"{folder}/checkpoints/{tag}: DeepSpeed could not load this checkpoint")
-    metrics = os.path.join(folder, "metrics.jsonl")
-    if rank_zero() and os.path.isfile(metrics):
-        with open(metrics) as f:  # a line without its newline was torn by the kill: its step runs again anyway
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics + ".tmp", metrics)
-    return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
-
-
-def save_final_model(model, config, args, tokenizer_path):
-    """The trained model into --output: stage 1 the adapter (with the demo's random towers), stage 2 the
-    whole model. ZeRO-3 keeps a slice of every weight on each rank: they are gathered one at a time
-    (every rank takes part in each gather) into a whole CPU copy on rank 0."""
-    import deepspeed
-
-    full = model
-    if args.zero == 3:
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank_zero():
-                    state[name] = p.detach().cpu().clone()
-        if rank_zero():
-            with torch.device("meta"):
-                full = QilinMedVL(config)
-            full.load_state_dict(state, strict=True, assign=True)
-    if not rank_zero():
-        return
-    demo = args.stage == 1 and args.vision is None  # the demo's random towers go beside the adapter
-    vision, llm = (os.path.join(args.output, "vision"), os.path.join(args.output, "llm")) if demo else (args.vision, args.llm)
-
-    def write(tmp):
-        if args.stage == 2:
-            return full.save_pretrained(tmp, tokenizer=tokenizer_path)
-        if demo:
-            full.save_towers(tmp, tokenizer_path)
-        full.save_projector(tmp, vision, llm, tokenizer_path)
-    write_output(args.output, write)
-
-
-# ----------------------------------------------------------------------------- metrics
-
 class Metrics:
     """metrics.jsonl and the progress bar (rank 0), from the totals train_step returns."""
 
@@ -549,17 +426,16 @@ class Metrics:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, local_rank, world, device = setup_process()
+    rank, world, device = setup_process()
     args.precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model, config, tokenizer, tokenizer_path, dataset = load_everything(args, dtype, device)
-    run = run_settings(args, world, len(dataset))
+    model, config, tokenizer, tokenizer_path, dataset, run = load_everything(args, dtype, device)
     steps_per_epoch = len(epoch_batches(dataset, args, world, rank, 0)) // args.grad_accum
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world} samples")
     total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
     engine, scheduler = start_deepspeed(model, args, world, device, total_steps)
-    prepare_output(args, world)
+    prepare_output(args.output, args.overwrite, dict(vars(args), world_size=world))
     state = dict(step=0, epoch=0, micro_done=0, dropped=0)  # micro_done: this epoch's micro-batches trained
     if args.resume:
         tag, state = resume(engine, args.output)
@@ -607,15 +483,35 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
-def prepare_output(args, world):
-    """The run folder, made (or emptied with --overwrite) by rank 0 once every input has been checked."""
-    if rank_zero():
-        if args.overwrite:
-            shutil.rmtree(args.output, ignore_errors=True)
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "args.json"), "w") as f:
-            json.dump(dict(vars(args), world_size=world), f, indent=2)
-    dist.barrier()
+def save_final_model(model, config, args, tokenizer_path):
+    """The trained model into --output: stage 1 the adapter (with the demo's random towers), stage 2 the
+    whole model. ZeRO-3 keeps a slice of every weight on each rank: they are gathered one at a time
+    (every rank takes part in each gather) into a whole CPU copy on rank 0."""
+    import deepspeed
+
+    full = model
+    if args.zero == 3:
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank_zero():
+                    state[name] = p.detach().cpu().clone()
+        if rank_zero():
+            with torch.device("meta"):
+                full = QilinMedVL(config)
+            full.load_state_dict(state, strict=True, assign=True)
+    if not rank_zero():
+        return
+    demo = args.stage == 1 and args.vision is None  # the demo's random towers go beside the adapter
+    vision, llm = (os.path.join(args.output, "vision"), os.path.join(args.output, "llm")) if demo else (args.vision, args.llm)
+
+    def write(tmp):
+        if args.stage == 2:
+            return full.save_pretrained(tmp, tokenizer=tokenizer_path)
+        if demo:
+            full.save_towers(tmp, tokenizer_path)
+        full.save_projector(tmp, vision, llm, tokenizer_path)
+    write_output(args.output, write)
 
 
 def stopped(args, state):

@@ -36,7 +36,6 @@ def metrics(folder):
 def initial_model(*argv):
     """The model train.py starts from, built the same way (the demo towers are seeded)."""
     args = train.parse_args(["--demo", *map(str, argv)])
-    train.resolve_model_choices(args)
     model, _, _ = train.build_model(args, torch.float32)
     return model
 
