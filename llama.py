@@ -53,6 +53,13 @@ class LlamaArgs:
         forward = 2 * n + 4 * self.n_layers * d * seq_len
         return 3 * forward if backward else forward
 
+    def step_flops(self, lengths, n_logits, weight_grads=True):
+        """A training step's FLOPs for sequences of these lengths, the output layer only at the n_logits positions
+        where logits are computed: 3x the forward, or 2x without weight gradients (stage 1)."""
+        body = sum(T * self.flops_per_token(T, backward=False, lm_head=False) for T in lengths)
+        head = self.flops_per_token(0, backward=False) - self.flops_per_token(0, backward=False, lm_head=False)
+        return (3 if weight_grads else 2) * (body + n_logits * head)
+
     @classmethod
     def preset(cls, name):
         return {

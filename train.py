@@ -54,13 +54,11 @@ RUN_SETTINGS = ("stage", "zero", "precision", "max_length", "style", "projector"
                 "grad_accum", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
 MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_positions", "loss_positions")  # from collate
 EPILOG = """
-metrics.jsonl, one line per optimizer step: step, epoch (fractional), loss (mean over ranks and micro-steps),
-lr (the one this step used), tokens (all ranks, image features included), tokens_per_s, mfu (see --peak-tflops),
-skipped (samples excluded when the data was read or dropped while training: an unreadable image, or too long
-with that epoch's prompt); with --log-sample-ids also ids. DeepSpeed's own monitors are off unless switched on
-with --deepspeed-config, e.g.
-  {"tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "stage2"},
-   "csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
+metrics.jsonl has one line per optimizer step: step, epoch, loss (mean over ranks and micro-steps), lr, tokens
+(all ranks, image features included), tokens_per_s, mfu (see --peak-tflops), skipped (samples excluded when the
+data was read, or dropped while training: an unreadable image, too long with that epoch's prompt), and with
+--log-sample-ids the sample ids. DeepSpeed's own monitors are switched on with --deepspeed-config, e.g.
+  {"csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
 """
 
 
@@ -71,8 +69,7 @@ def arg_parser():
                                 epilog=f"\n--demo defaults (data and images from samples/):\n{demo}\n{EPILOG}")
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: train the adapter (feature alignment); 2: the adapter and the LLM (instruction tuning)")
-    p.add_argument("--demo", action="store_true", help="tiny random towers, the demo tokenizer and samples/ data, "
-                   "CPU-sized defaults (any flag given explicitly still wins)")
+    p.add_argument("--demo", action="store_true", help="tiny random towers, samples/ data, CPU-sized defaults (below)")
     g = p.add_argument_group("model and data")
     g.add_argument("--vision", help="CLIP ViT-L/14-336 folder (config.json + weights); stage 2: default from stage 1")
     g.add_argument("--llm", help="LLaMA-2 folder (config.json, weights, tokenizer.model); stage 2: default from stage 1")
@@ -80,12 +77,11 @@ def arg_parser():
     g.add_argument("--data", help="LLaVA-format JSON or JSONL file of samples")
     g.add_argument("--image-root", help="folder the samples' image paths are relative to")
     g.add_argument("--output", help="run folder: metrics, checkpoints and the trained model")
-    g.add_argument("--style", choices=("paper", "release"), help="paper: the paper's prompts in the v1 template; "
-                   "release: LLaVA's plain (stage 1) and v1 (default paper; stage 2: what stage 1 used)")
-    g.add_argument("--projector", choices=("linear", "mlp2x_gelu"), help="adapter: the paper's linear layer or the "
-                   "release's 2-layer MLP (default linear; stage 2: stage 1's)")
-    g.add_argument("--image-fit", choices=("pad", "crop"), help="pad to a square or center-crop (default: crop in "
-                   "stage 1, pad in stage 2, as the release)")
+    g.add_argument("--style", choices=("paper", "release"), help="prompts: the paper's in the v1 template, or LLaVA's "
+                   "plain (stage 1) and v1 as released (default paper; stage 2: stage 1's)")
+    g.add_argument("--projector", choices=("linear", "mlp2x_gelu"), help="the paper's linear adapter or the release's "
+                   "2-layer MLP (default linear; stage 2: stage 1's)")
+    g.add_argument("--image-fit", choices=("pad", "crop"), help="default: crop in stage 1, pad in stage 2, as released")
     g.add_argument("--max-length", type=int, help="longest sequence, image features included (default 2048)")
     g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="refuse images whose header says "
                    f"more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); larger ones are read smaller")
@@ -94,8 +90,7 @@ def arg_parser():
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 stage 1, 2e-5 stage 2)")
     g.add_argument("--epochs", type=int, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, at most --epochs epochs "
-                   "(the lr schedule ends there)")
+    g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (the lr schedule ends there)")
     g.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up (default 0.03)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (default 1.0, as LLaVA)")
@@ -105,7 +100,7 @@ def arg_parser():
     g.add_argument("--offload", choices=("none", "optimizer", "all"), default="none", help="move the Adam states "
                    "(optimizer), and with ZeRO-3 also the weights (all), to CPU memory (default none)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each LLM block in the backward pass instead of storing its activations (default on)")
+                   help="recompute each LLM block in the backward pass instead of storing its activations")
     g.add_argument("--compile", action="store_true", help="torch.compile the work between the LLM's matmuls (RMSNorm "
                    "in float32, RoPE, SwiGLU) into fused kernels; costs a minute of compiling at the start")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -118,8 +113,7 @@ def arg_parser():
     g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --output and start afresh")
-    g.add_argument("--log-sample-ids", action="store_true", help="record each step's sample ids in metrics.jsonl "
-                   "(audits data order across resumes)")
+    g.add_argument("--log-sample-ids", action="store_true", help="record each step's sample ids in metrics.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher adds it
     return p
 
@@ -266,16 +260,13 @@ def epoch_batches(dataset, args, world, rank, epoch):
 
 def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
     """The whole DeepSpeed configuration, in one place; --deepspeed-config merges over it."""
-    # overlap_comm: reduce gradients while the backward pass goes on; contiguous: no fragmentation.
-    zero = {"stage": args.zero, "overlap_comm": on_gpu, "contiguous_gradients": True,
-            "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+    zero = {"stage": args.zero, "overlap_comm": on_gpu}  # reduce gradients while the backward pass goes on
     if args.zero == 3:
         block = llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights
         zero.update(stage3_prefetch_bucket_size=int(1.5 * block),  # gather the next block while this one computes
                     # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
                     stage3_param_persistence_threshold=10 * llm_args.dim,
-                    reduce_bucket_size=block,  # reduce a block's gradients as soon as its backward is done
-                    stage3_gather_16bit_weights_on_model_save=True)
+                    reduce_bucket_size=block)  # reduce a block's gradients as soon as its backward is done
     if args.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if args.offload == "all" and args.zero == 3:
@@ -287,8 +278,7 @@ def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
     config = dict(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.grad_accum,
                   train_batch_size=args.batch_size * args.grad_accum * world_size, gradient_clipping=args.grad_clip,
                   optimizer={"type": "AdamW", "params": adam}, bf16={"enabled": args.precision == "bf16"},
-                  zero_optimization=zero, wall_clock_breakdown=False,
-                  steps_per_print=10**9)  # progress goes to the bar and metrics.jsonl instead
+                  zero_optimization=zero, steps_per_print=10**9)  # progress goes to the bar and metrics.jsonl instead
     if args.deepspeed_config:
         with open(args.deepspeed_config) as f:
             config = merge(config, json.load(f))
@@ -363,7 +353,7 @@ def train_step(engine, micro_batches, stage, llm_args):
             engine.step()  # DeepSpeed counts micro-steps; only the last one of an accumulation updates
         loss_sum += loss.detach()
         counts += torch.tensor([len(batch["loss_positions"]) > 0, sum(batch["lengths"]),
-                                step_flops(batch["lengths"], len(batch["loss_positions"]), llm_args, stage),
+                                llm_args.step_flops(batch["lengths"], len(batch["loss_positions"]), stage == 2),
                                 batch["n_dropped"]], dtype=torch.float64)
     totals = torch.cat([loss_sum.double()[None], counts.to(engine.device)])
     dist.all_reduce(totals)  # NCCL reduces GPU tensors only
@@ -372,17 +362,6 @@ def train_step(engine, micro_batches, stage, llm_args):
         raise NonFiniteLoss(totals[0] / totals[1])
     engine.step()  # clip, AdamW, next lr
     return totals
-
-
-def step_flops(lengths, n_logits, llm_args, stage):
-    """The LLM's matmul FLOPs for samples of these lengths, the output layer only at the n_logits positions
-    where it runs (the frozen ViT adds ~1%). Stage 2: forward and backward. Stage 1 passes gradients
-    through the frozen LLM without its weight gradients: twice the forward."""
-    def per_token(T, lm_head):
-        return llm_args.flops_per_token(T, lm_head=lm_head) if stage == 2 else \
-            2 * llm_args.flops_per_token(T, backward=False, lm_head=lm_head)
-    head = per_token(0, True) - per_token(0, False)
-    return sum(T * per_token(T, False) for T in lengths) + n_logits * head
 
 
 class Metrics:

@@ -15,7 +15,7 @@ step under DeepSpeed, and decoding with chat.py against transformers, in one run
       agree; tokens/s against the limit set by the device-to-device copy bandwidth measured in
       the same run (bytes per token: every weight and the filled KV cache, read once).
 
-MFU = model FLOPs (train.step_flops: 6N + attention when the LLM trains, 4N when it is frozen,
+MFU = model FLOPs (LlamaArgs.step_flops: 6N + attention when the LLM trains, 4N when it is frozen,
 the output layer only where logits are computed) / time / peak (989 TFLOP/s dense bf16 on an
 H100/H200, by the datasheet). Needs DeepSpeed and transformers. About five minutes on an H200:
 
@@ -174,7 +174,8 @@ def stage1(args, dtype, device, peak):
     labels[:, :1 + P] = -100
     pixels = torch.randn(args.batch, 3, vision.image_size, vision.image_size, device=device, dtype=dtype)
     n_logits = int((labels[:, 1:] >= 0).sum())  # the model computes logits only where the loss needs them
-    fpt = train.step_flops([args.seq] * args.batch, n_logits, model.llm.args, 1) / (args.batch * args.seq)  # ~4N
+    fpt = model.llm.args.step_flops([args.seq] * args.batch, n_logits, weight_grads=False)  # ~4N per token
+    fpt /= args.batch * args.seq
     tokens = args.batch * args.seq
 
     def step():
@@ -242,7 +243,7 @@ def real_step(args, stage, zero, compile, batch_size, device, peak):
             train.train_step(engine, [batch], stage, config.llm)  # waits for the device once, at the end
             times.append(time.perf_counter() - t)
             tokens.append(sum(batch["lengths"]))
-            flops.append(train.step_flops(batch["lengths"], len(batch["loss_positions"]), config.llm, stage))
+            flops.append(config.llm.step_flops(batch["lengths"], len(batch["loss_positions"]), stage == 2))
         timed_ = sorted(range(warmup, warmup + steps), key=lambda k: times[k])[steps // 2]  # the median step
         s, n, f = times[timed_], tokens[timed_], flops[timed_]
         mfu = 100 * f / s / (peak * 1e12)
@@ -413,7 +414,7 @@ def whole_run_estimate(mfu, gpus=8, peak=312):
     llm = LlamaArgs()  # LLaMA-2-13B
     print(f"\nwhole-run estimate on {gpus} x A100 (bf16 peak {peak} TFLOP/s), at MFU {mfu[1]:.1f}% and {mfu[2]:.1f}%:")
     for stage, (samples, length, learned) in CHIMED_VL.items():
-        flops = samples * train.step_flops([length], learned, llm, stage)
+        flops = samples * llm.step_flops([length], learned, stage == 2)
         ideal = flops / (gpus * peak * 1e12) / 3600
         print(f"  stage {stage}: {samples:,} samples x {length} positions, {flops:.2e} FLOPs: {ideal:.1f} h at 100% MFU, "
               f"{ideal / (mfu[stage] / 100):.1f} h at {mfu[stage]:.1f}%")
