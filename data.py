@@ -6,8 +6,8 @@ captions an image after one of 22 alignment prompts, stage 2 answers a question 
 prompts (appendix A.1, in prompts/); style="release" renders as the released weights were trained instead.
 
 The main idea first: record -> build_conversation -> render (ids and labels, one IMAGE_TOKEN_INDEX per image) ->
-expand_images (one per image feature, where model.py writes them) -> ChiMedDataset -> collate. Then images, long
-only because medical files are 16-bit, rotated, transparent or huge; last, batches of similar lengths.
+expand_images (one per image feature, where model.py writes them) -> ChiMedDataset -> collate, batches of similar
+lengths. Then images, long only because medical files are 16-bit, rotated, transparent or huge.
 """
 
 import json
@@ -76,9 +76,10 @@ def wrap_question(question, prompt_index=0, with_image=True):
 
 def _release_turns(turns, has_image):
     """The turns as LLaVA's preprocess_multimodal left them for the released model: a tagged turn loses its tags and
-    the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"). One composite
-    (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before the first question
-    (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would read it as text)."""
+    the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay
+    verbatim. One composite (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before
+    the first question (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would
+    read it as text)."""
     tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
     keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
     out = []
@@ -313,6 +314,23 @@ def collate(batch, pad_id, image_size):
                 ids=[s["id"] for s in samples], n_dropped=len(batch) - len(samples))
 
 
+
+def length_grouped_batches(lengths, batch_size, num_replicas, rank, seed, epoch):
+    """This rank's batches (lists of dataset indices) of one epoch, of similar lengths so little compute goes to
+    padding, and the same for a resumed run. Shuffle, cut into mega-batches of 50 global batches (batch_size *
+    num_replicas), sort each by length, split into global batches, shuffle those; repeat a few to fill the last."""
+    lengths, global_batch = np.asarray(lengths), batch_size * num_replicas
+    total = math.ceil(len(lengths) / global_batch) * global_batch  # indices per epoch over all ranks
+    rng = np.random.default_rng([seed, epoch])
+    order = np.resize(rng.permutation(len(lengths)), total)  # resize repeats from the start
+    batches = []
+    for start in range(0, total, 50 * global_batch):
+        chunk = order[start:start + 50 * global_batch]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]  # longest first
+        batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
+    return [batches[b][rank * batch_size:(rank + 1) * batch_size].tolist() for b in rng.permutation(len(batches))]
+
+
 # ----------------------------------------------------------------------------- images
 
 class ImageError(ValueError):
@@ -416,24 +434,6 @@ def preprocess_image(image, size=336, mode="pad"):
         raise ValueError(f"image fit mode must be 'pad' or 'crop', got {mode!r}")
     x = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).astype(np.float32)) / 255  # (3, S, S) in 0..1
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-
-
-# ----------------------------------------------------------------------------- batching
-
-def length_grouped_batches(lengths, batch_size, num_replicas, rank, seed, epoch):
-    """This rank's batches (lists of dataset indices) of one epoch, of similar lengths so little compute goes to
-    padding, and the same for a resumed run. Shuffle, cut into mega-batches of 50 global batches (batch_size *
-    num_replicas), sort each by length, split into global batches, shuffle those; repeat a few to fill the last."""
-    lengths, global_batch = np.asarray(lengths), batch_size * num_replicas
-    total = math.ceil(len(lengths) / global_batch) * global_batch  # indices per epoch over all ranks
-    rng = np.random.default_rng([seed, epoch])
-    order = np.resize(rng.permutation(len(lengths)), total)  # resize repeats from the start
-    batches = []
-    for start in range(0, total, 50 * global_batch):
-        chunk = order[start:start + 50 * global_batch]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]  # longest first
-        batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
-    return [batches[b][rank * batch_size:(rank + 1) * batch_size].tolist() for b in rng.permutation(len(batches))]
 
 
 if __name__ == "__main__":
