@@ -26,8 +26,7 @@ IMAGE = "<image>"  # the placeholder in text
 IMAGE_TOKEN_INDEX = -200  # LLaVA's id for it in input_ids (no vocabulary row): one per image, then one per feature
 IGNORE_INDEX = -100  # the label of a position that is not learned (cross_entropy's default ignore_index)
 MAX_IMAGES = 4  # paper 3.3: samples with more images are excluded
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's normalisation
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
 # The largest image load_image reads, judged by its header: pathology tiles and large scans run to 10,000-30,000
 # pixels a side; more is likely a decompression bomb. Formats other than JPEG decode whole: 4 GiB at this limit.
@@ -195,7 +194,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
     """LLaVA-format records -> samples: ids and labels cut to max_length, and one composite image. Records are
     checked, rendered and measured once, here, so exclusions are known before training (self.skipped, by reason).
     An unreadable image, or a later epoch's prompt that no longer fits, makes __getitem__ warn and return None,
-    which collate drops and counts (n_dropped: a DataLoader worker's self.skipped is its own copy)."""
+    which collate drops and counts (n_dropped; a worker's self.skipped is its own): one file cannot stop an epoch."""
 
     def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
                  image_fit="pad", max_length=2048, num_image_tokens=576, seed=0, strict=False,
@@ -314,7 +313,6 @@ def collate(batch, pad_id, image_size):
                 ids=[s["id"] for s in samples], n_dropped=len(batch) - len(samples))
 
 
-
 def length_grouped_batches(lengths, batch_size, num_replicas, rank, seed, epoch):
     """This rank's batches (lists of dataset indices) of one epoch, of similar lengths so little compute goes to
     padding, and the same for a resumed run. Shuffle, cut into mega-batches of 50 global batches (batch_size *
@@ -406,8 +404,7 @@ def concat_images(images):
     if len(images) == 1:
         return images[0]
     # the composite's aspect ratio (w/h), whatever the common side: sum(w_i/h_i) side by side, 1/sum(h_i/w_i) stacked
-    wide = sum(im.width / im.height for im in images)
-    tall = 1.0 / sum(im.height / im.width for im in images)
+    wide, tall = sum(im.width / im.height for im in images), 1.0 / sum(im.height / im.width for im in images)
     horizontal = max(wide, 1 / wide) <= max(tall, 1 / tall)
     if horizontal:  # equalise heights to the tallest image
         h = max(im.height for im in images)
