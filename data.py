@@ -5,10 +5,9 @@ composite; samples with more than 4 images or too short text are excluded. Secti
 captions an image after one of 22 alignment prompts, stage 2 answers a question wrapped in one of 7 instruction
 prompts (appendix A.1, in prompts/); style="release" renders as the released weights were trained instead.
 
-The main idea comes first: record -> build_conversation -> render (ids and labels, one IMAGE_TOKEN_INDEX per
-image as in LLaVA's files) -> expand_images (one per image feature, where model.py writes them) -> ChiMedDataset
--> collate. Images come after it (load, concatenate, fit CLIP's square): long only because medical files are
-16-bit, rotated, transparent or huge, which changes nothing in the idea. Last, batches of similar lengths.
+The main idea first: record -> build_conversation -> render (ids and labels, one IMAGE_TOKEN_INDEX per image) ->
+expand_images (one per image feature, where model.py writes them) -> ChiMedDataset -> collate, batches of similar
+lengths. Then images, long only because medical files are 16-bit, rotated, transparent or huge.
 """
 
 import json
@@ -27,8 +26,7 @@ IMAGE = "<image>"  # the placeholder in text
 IMAGE_TOKEN_INDEX = -200  # LLaVA's id for it in input_ids (no vocabulary row): one per image, then one per feature
 IGNORE_INDEX = -100  # the label of a position that is not learned (cross_entropy's default ignore_index)
 MAX_IMAGES = 4  # paper 3.3: samples with more images are excluded
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's normalisation
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
 # The largest image load_image reads, judged by its header: pathology tiles and large scans run to 10,000-30,000
 # pixels a side; more is likely a decompression bomb. Formats other than JPEG decode whole: 4 GiB at this limit.
@@ -76,11 +74,11 @@ def wrap_question(question, prompt_index=0, with_image=True):
 
 
 def _release_turns(turns, has_image):
-    """The turns as LLaVA's preprocess_multimodal left them to train the released model: a tagged turn loses its
-    tags and the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?");
-    other turns stay verbatim. One composite (paper 3.3) means one tag: in the first human turn holding one (LLaVA
-    tags each), else before the first question (LLaVA would train without the image); a text-only record loses
-    any stray tag (LLaVA would read the text "<image>")."""
+    """The turns as LLaVA's preprocess_multimodal left them for the released model: a tagged turn loses its tags and
+    the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay
+    verbatim. One composite (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before
+    the first question (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would
+    read it as text)."""
     tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
     keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
     out = []
@@ -97,19 +95,17 @@ def _release_turns(turns, has_image):
 def build_conversation(record, stage, style="paper", rng=None):
     """A record's turns as the given stage and style present them (rng picks paper prompts)."""
     has_image = bool(image_files(record))
+    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
     if style == "release":  # the text LLaVA's code trained the released weights on
         turns = _release_turns(record["conversations"], has_image)
-        if stage == 1:  # LLaVA's preprocess_plain: the image alone, then the caption as it stands
-            caption = next(t for t in turns if t["from"] == "gpt")
-            return [{"from": "human", "value": IMAGE if has_image else ""}, caption]
-        return turns
-    # paper: the prompts of appendix A.1 place the image, so the record's own tags go
-    turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
-    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
-    if stage == 1:  # feature alignment: an alignment prompt, then the caption
-        human = ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
+    else:  # paper: the prompts of appendix A.1 place the image, so the record's own tags go
+        turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
+    if stage == 1:  # feature alignment: the caption, after an alignment prompt or (LLaVA's preprocess_plain) the image
+        human = IMAGE if style == "release" else ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
         caption = next(t for t in turns if t["from"] == "gpt")
         return [{"from": "human", "value": human if has_image else _strip_image(human)}, caption]
+    if style == "release":
+        return turns
     out = []
     for turn in turns:  # instruction tuning: every question wrapped; only the first carries the image
         if turn["from"] == "human":
@@ -120,13 +116,11 @@ def build_conversation(record, stage, style="paper", rng=None):
 
 
 def render(conversation, tokenizer, template="v1"):
-    """Turns -> (input_ids, labels); only assistant answers (and their EOS) are learned.
-
-    Each turn is one segment, encoded and masked on its own, so labels cannot drift from the tokens. The ids still
-    equal LLaVA's encoding of the whole prompt: segments meet only after an EOS, where LLaMA's legacy tokenizer
-    (transformers 4.31, as LLaVA pins it) also starts afresh with a ▁, or at the space before an answer, which
-    SentencePiece never merges across and the answer's dummy ▁ stands for. A conversation ending with a human
-    turn renders the generation prompt, up to and including "ASSISTANT:"."""
+    """Turns -> (input_ids, labels); only assistant answers (and their EOS) are learned. A conversation ending with a
+    human turn renders the generation prompt, up to and including "ASSISTANT:". Each turn is encoded and masked on
+    its own, so labels cannot drift from the tokens, and the ids still equal LLaVA's encoding of the whole prompt:
+    turns meet only after an EOS, where LLaMA's legacy tokenizer (transformers 4.31, as LLaVA pins it) also starts
+    afresh with a ▁, or at the space before an answer, which SentencePiece never merges across (the answer's ▁)."""
     tpl = TEMPLATES[template]
     if not conversation:
         raise ValueError("empty conversation")
@@ -157,6 +151,20 @@ def expand_images(ids, num_image_tokens, labels=None):
     return out if labels is None else (out, [x for x, k in zip(labels, n) for _ in range(k)])
 
 
+def chat_template(style, tokenizer):
+    """prompts/chat_template.jinja (for llava-hf's processor and vLLM) with this style's system prompt and question
+    layouts on top, as build_conversation lays out a marker question: first with the image, then without."""
+    mark = "\x00"
+    record = {"image": "image", "conversations": [{"from": "human", "value": mark}, {"from": "gpt", "value": "-"},
+                                                  {"from": "human", "value": mark}]}
+    first, _, later = build_conversation(record, 2, style)
+    values = dict(bos=tokenizer.sp.id_to_piece(tokenizer.bos_id), eos=tokenizer.sp.id_to_piece(tokenizer.eos_id),
+                  system=TEMPLATES[STAGE_TEMPLATE[(2, style)]]["system"],
+                  question_with_image=first["value"].split(mark), question_alone=later["value"].split(mark))
+    header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}\n" for k, v in values.items())
+    return header + (PROMPT_DIR / "chat_template.jinja").read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- dataset and batch
 
 def image_files(record):
@@ -184,10 +192,9 @@ def read_records(path):
 
 class ChiMedDataset(torch.utils.data.Dataset):
     """LLaVA-format records -> samples: ids and labels cut to max_length, and one composite image. Records are
-    checked, rendered and measured once, here, so exclusions are known before training and counted in
-    self.skipped by reason. Images are read in __getitem__: an unreadable one, or a later epoch's prompt that no
-    longer fits, makes it warn and return None, which collate drops and counts (in n_dropped: with DataLoader
-    workers, self.skipped is the worker's copy), so one bad file cannot stop an epoch."""
+    checked, rendered and measured once, here, so exclusions are known before training (self.skipped, by reason).
+    An unreadable image, or a later epoch's prompt that no longer fits, makes __getitem__ warn and return None,
+    which collate drops and counts (n_dropped; a worker's self.skipped is its own): one file cannot stop an epoch."""
 
     def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
                  image_fit="pad", max_length=2048, num_image_tokens=576, seed=0, strict=False,
@@ -203,14 +210,14 @@ class ChiMedDataset(torch.utils.data.Dataset):
         self.kept, self.lengths = [], []  # record index; its tokens once cut, image features included
         for index, record in enumerate(self.records):
             reason, detail, length = self._check(index, record)
-            if reason and strict:
-                name = record.get("id", "?") if isinstance(record, dict) else "?"
-                raise ValueError(f"{self.data_path}: sample {index} (id {name!r}) excluded: {reason}: {detail}")
-            if reason:
-                self.skipped[reason] += 1
-            else:
+            if reason is None:
                 self.kept.append(index)
                 self.lengths.append(length)
+            elif strict:
+                name = record.get("id", "?") if isinstance(record, dict) else "?"
+                raise ValueError(f"{self.data_path}: sample {index} (id {name!r}) excluded: {reason}: {detail}")
+            else:
+                self.skipped[reason] += 1
 
     def set_epoch(self, epoch):
         """Fresh paper prompts, so that over epochs an answer is not tied to one prompt's wording."""
@@ -242,12 +249,12 @@ class ChiMedDataset(torch.utils.data.Dataset):
         if not (image is None or isinstance(image, str) or
                 isinstance(image, list) and all(isinstance(p, str) and p for p in image)):
             return "malformed", "'image' must be a file name or a list of file names", 0
-        files = image_files(record)
-        if len(files) > MAX_IMAGES:
-            return "too_many_images", f"{len(files)} images (at most {MAX_IMAGES})", 0
-        missing = [f for f in files if not os.path.isfile(os.path.join(self.image_root, f))]
+        paths = [os.path.join(self.image_root, f) for f in image_files(record)]
+        if len(paths) > MAX_IMAGES:
+            return "too_many_images", f"{len(paths)} images (at most {MAX_IMAGES})", 0
+        missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            return "missing_image", f"{os.path.join(self.image_root, missing[0])} does not exist", 0
+            return "missing_image", f"{missing[0]} does not exist", 0
         short = [t["value"] for t in turns if t["from"] == "gpt" and len(t["value"].strip()) < self.min_answer_chars]
         if short:
             return "too_short", f"answer {short[0]!r} is under {self.min_answer_chars} characters", 0
@@ -269,22 +276,21 @@ class ChiMedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         index = self.kept[k]
-        record = self.records[index]
-        ids, labels, cut = self._render(index)
+        record, (ids, labels, cut) = self.records[index], self._render(index)
         if cut is None:  # another epoch's prompt may be longer than epoch 0's
             self.skipped["too_long"] += 1
             warnings.warn(f"skipping sample {index} (id {record.get('id')!r}) this epoch: no answer in max_length")
             return None
         paths, S = [os.path.join(self.image_root, f) for f in image_files(record)], self.image_size
-        try:
-            pixels = [image_input(paths, S, self.image_fit, self.max_image_pixels)] if paths else []
+        try:  # (1, 3, S, S): the one composite; (0, 3, S, S) for a text-only record
+            pixels = (image_input(paths, S, self.image_fit, self.max_image_pixels)[None] if paths
+                      else torch.zeros(0, 3, S, S))
         except ImageError as e:
             self.skipped["unreadable_image"] += 1
             warnings.warn(f"skipping sample {index} (id {record.get('id')!r}): {e}")
             return None
         return dict(input_ids=torch.tensor(ids[:cut]), labels=torch.tensor(labels[:cut]),  # (T,) each
-                    pixel_values=torch.stack(pixels) if pixels else torch.zeros(0, 3, S, S),  # one composite or none
-                    id=record.get("id", index))
+                    pixel_values=pixels, id=record.get("id", index))
 
 
 def collate(batch, pad_id, image_size):
@@ -305,6 +311,22 @@ def collate(batch, pad_id, image_size):
                 loss_positions=learned_next.flatten().nonzero().squeeze(1),
                 lengths=[len(s["input_ids"]) for s in samples],  # tokens the LLM really reads, per sample
                 ids=[s["id"] for s in samples], n_dropped=len(batch) - len(samples))
+
+
+def length_grouped_batches(lengths, batch_size, num_replicas, rank, seed, epoch):
+    """This rank's batches (lists of dataset indices) of one epoch, of similar lengths so little compute goes to
+    padding, and the same for a resumed run. Shuffle, cut into mega-batches of 50 global batches (batch_size *
+    num_replicas), sort each by length, split into global batches, shuffle those; repeat a few to fill the last."""
+    lengths, global_batch = np.asarray(lengths), batch_size * num_replicas
+    total = math.ceil(len(lengths) / global_batch) * global_batch  # indices per epoch over all ranks
+    rng = np.random.default_rng([seed, epoch])
+    order = np.resize(rng.permutation(len(lengths)), total)  # resize repeats from the start
+    batches = []
+    for start in range(0, total, 50 * global_batch):
+        chunk = order[start:start + 50 * global_batch]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]  # longest first
+        batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
+    return [batches[b][rank * batch_size:(rank + 1) * batch_size].tolist() for b in rng.permutation(len(batches))]
 
 
 # ----------------------------------------------------------------------------- images
@@ -382,8 +404,7 @@ def concat_images(images):
     if len(images) == 1:
         return images[0]
     # the composite's aspect ratio (w/h), whatever the common side: sum(w_i/h_i) side by side, 1/sum(h_i/w_i) stacked
-    wide = sum(im.width / im.height for im in images)
-    tall = 1.0 / sum(im.height / im.width for im in images)
+    wide, tall = sum(im.width / im.height for im in images), 1.0 / sum(im.height / im.width for im in images)
     horizontal = max(wide, 1 / wide) <= max(tall, 1 / tall)
     if horizontal:  # equalise heights to the tallest image
         h = max(im.height for im in images)
@@ -410,24 +431,6 @@ def preprocess_image(image, size=336, mode="pad"):
         raise ValueError(f"image fit mode must be 'pad' or 'crop', got {mode!r}")
     x = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).astype(np.float32)) / 255  # (3, S, S) in 0..1
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-
-
-# ----------------------------------------------------------------------------- batching
-
-def length_grouped_batches(lengths, batch_size, num_replicas, rank, seed, epoch):
-    """This rank's batches (lists of dataset indices) of one epoch, of similar lengths so little compute goes to
-    padding, and the same for a resumed run. Shuffle, cut into mega-batches of 50 global batches (batch_size *
-    num_replicas), sort each by length, split into global batches, shuffle those; repeat a few to fill the last."""
-    lengths, global_batch = np.asarray(lengths), batch_size * num_replicas
-    total = math.ceil(len(lengths) / global_batch) * global_batch  # indices per epoch over all ranks
-    rng = np.random.default_rng([seed, epoch])
-    order = np.resize(rng.permutation(len(lengths)), total)  # resize repeats from the start
-    batches = []
-    for start in range(0, total, 50 * global_batch):
-        chunk = order[start:start + 50 * global_batch]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]  # longest first
-        batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
-    return [batches[b][rank * batch_size:(rank + 1) * batch_size].tolist() for b in rng.permutation(len(batches))]
 
 
 if __name__ == "__main__":

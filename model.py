@@ -1,24 +1,17 @@
-"""Qilin-Med-VL: the CLIP vision tower, the adapter and the LLaMA language model as one model.
+"""Qilin-Med-VL: where the CLIP vision tower, the adapter and the LLaMA language model meet.
 
-Paper section 4.1 (model architecture): a frozen ViT turns each image into patch features, a
-vision-language adapter maps them into the LLM's embedding space, and the LLM reads them where
-an `<image>` placeholder stood in the text:
+Paper section 4.1 (model architecture): a frozen ViT turns each image into patch features, a vision-language
+adapter maps them into the LLM's embedding space, and the LLM reads them where an `<image>` placeholder stood:
 
     pixels (N, 3, 336, 336) --vit--> (N, 576, 1024) --projector--> (N, 576, 5120)
     input_ids (B, L) holding the image token 576 times per image
         --embed: write the features at those positions--> (B, L, 5120) --llama--> logits
 
-The paper describes the adapter as "a simple linear projection layer" (`projector="linear"`);
-the released Qilin-Med-VL-Chat uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Both are here.
-Section 4.2's two stages differ only in what trains: stage 1 the adapter, stage 2 the adapter
-and the LLM (`set_trainable`). The vision tower never trains.
-
-Checkpoints in three layouts load (`from_pretrained`): this project's own, the original LLaVA
-layout the authors released, and transformers' llava-hf layout (`export_llava_hf` writes it).
-checkpoint.py holds their key tables and config translations; here they only meet the classes.
+The paper's adapter is "a simple linear projection layer" (`projector="linear"`); the released Qilin-Med-VL-Chat
+uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Section 4.2's two stages differ only in what trains
+(`set_trainable`); the vision tower never trains. Loading and saving, last, hand the towers to checkpoint.py.
 """
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -30,8 +23,7 @@ from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weigh
                         llava_hf_config, llava_hf_export_config, llava_vision_path, load_projector, read_config,
                         read_weights, save_weights, table_key_map, to_llava_hf, write_config, write_llava_hf_processor,
                         write_projector)
-from data import (CLIP_MEAN, CLIP_STD, IMAGE, IMAGE_TOKEN_INDEX, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer,
-                  build_conversation)
+from data import CLIP_MEAN, CLIP_STD, IMAGE, IMAGE_TOKEN_INDEX, Tokenizer, chat_template
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
 
@@ -53,8 +45,7 @@ class QilinConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(projector=d["projector"], select_layer=d["select_layer"], image_fit=d["image_fit"],
-                   style=d["style"], image_token_index=d["image_token_index"],
+        return cls(**{k: d[k] for k in ("projector", "select_layer", "image_fit", "style", "image_token_index")},
                    vision=VisionArgs(**d["vision_config"]), llm=LlamaArgs(**d["text_config"]))
 
 
@@ -92,20 +83,13 @@ class QilinMedVL(nn.Module):
         """(N, 3, S, S) -> (N, num_patches, llm_dim). The ViT is frozen: no autograd through it."""
         with torch.no_grad():
             features = self.vision(pixel_values, self.config.select_layer)
-        weight = next(self.projector.parameters())
-        return self.projector(features.to(weight.dtype))
+        return self.projector(features.to(next(self.projector.parameters()).dtype))  # in the adapter's dtype
 
     def embed(self, input_ids, pixel_values=None, image_positions=None):
-        """Token embeddings with the image features written where the image tokens stand.
-
-        input_ids: (B, L), already expanded: config.image_token_index once per image *feature*,
-        num_patches in a row per image (transformers' Llava convention; data.expand_images makes
-        it from LLaVA's one placeholder per image). pixel_values: (N, 3, S, S), the images in
-        row order. image_positions: (N * num_patches,) flat indices into the B*L positions where
-        the features go; collate computes them on the CPU, so that nothing here waits for the
-        device. Without them they are found here (one wait, fine for chat and tests).
-        Returns (B, L, dim).
-        """
+        """Token embeddings (B, L, dim), the image features written where the image tokens stand. input_ids (B, L)
+        hold config.image_token_index once per image *feature* (data.expand_images, as transformers' Llava);
+        pixel_values (N, 3, S, S) are the images in row order; image_positions (N * P,) the flat indices into B*L
+        where the features go: collate finds them on the CPU so that nothing waits (here: one wait, for chat)."""
         is_image = input_ids == self.config.image_token_index
         x = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, L, dim); image rows overwritten below
         if pixel_values is None:
@@ -116,27 +100,22 @@ class QilinMedVL(nn.Module):
             if len(image_positions) != len(features):
                 raise ValueError(f"{len(image_positions)} image tokens in input_ids but {len(pixel_values)} images "
                                  f"of {self.num_image_tokens} features each")
-        # A batch of text-only samples carries one zero image and no positions: its features are
-        # computed and none is spliced in (features[:0]), so every rank runs the same modules and
-        # the adapter stays in the graph with a zero gradient, as LLaVA does.
+        # A text-only batch carries one zero image and no positions: its features are computed and none is
+        # spliced in, so every rank runs the same modules and the adapter gets a zero gradient, as in LLaVA.
         features = features[:len(image_positions)].to(x.dtype)
         return x.flatten(0, 1).index_copy(0, image_positions, features).view_as(x)
 
     def forward(self, input_ids, pixel_values=None, labels=None, image_positions=None, loss_positions=None):
-        """Without labels: (logits (B, L, vocab), None). With labels (B, L; negative where nothing
-        is learned): (logits at the learned positions (M, vocab), loss), the loss being the mean
-        cross-entropy of each learned token given the ones before it.
-
-        loss_positions: (M,) flat indices of the positions whose *next* token is learned (collate
-        computes them on the CPU). Only there are logits computed: in stage 2 the answers are a
-        few dozen of ~650 positions, so the output layer and the float32 logits shrink ~30x.
-        """
+        """Without labels: (logits (B, L, vocab), None). With labels (B, L; negative where nothing is learned):
+        (logits at the learned positions (M, vocab), the mean cross-entropy of each learned token given those
+        before it). loss_positions (M,): the flat indices of the positions whose *next* token is learned (collate
+        finds them on the CPU). Only there are logits computed: in stage 2 the answers are a few dozen of ~650
+        positions, so the output layer and the float32 logits shrink ~30x."""
         x = self.embed(input_ids, pixel_values, image_positions)
         if labels is None:
             return self.llm(inputs_embeds=x), None  # right padding + causal: no mask needed
         if loss_positions is None:  # one wait for the device; training passes them
-            learned = torch.zeros_like(labels, dtype=torch.bool)
-            learned[:, :-1] = labels[:, 1:] >= 0
+            learned = F.pad(labels[:, 1:] >= 0, (0, 1))  # (B, L): is the next token learned
             loss_positions = learned.flatten().nonzero().squeeze(1)
         logits = self.llm(inputs_embeds=x, logits_at=loss_positions)  # (M, vocab)
         targets = labels.flatten()[loss_positions + 1]  # (M,): the token after each position
@@ -144,24 +123,20 @@ class QilinMedVL(nn.Module):
         loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(loss_positions), 1)
         return logits, loss
 
-    # ---- loading and saving: the layouts themselves are checkpoint.py's -----------------------
-
+    # ---- loading and saving: the layouts are checkpoint.py's ----
     @classmethod
     def from_parts(cls, config, vision_path=None, llm_path=None, projector_path=None, dtype=None, device=None):
-        """Assemble a model for training: official towers from their own folders (random ones where
-        a path is None, as in the demo), the adapter from stage 1's output (our folder, or LLaVA's
-        `mm_projector.bin`) or freshly initialised. Only what has no path is initialised at random;
-        at 13B a random fp32 LLM built first and then overwritten would cost 52 GB and minutes."""
+        """For training: the official towers from their folders, the adapter from stage 1's output (our folder
+        or LLaVA's `mm_projector.bin`); what has no path is random (the demo). Only that is initialised: at 13B
+        a random fp32 LLM built and then overwritten would cost 52 GB and minutes."""
         with torch.device("meta"):
             model = cls(config)
-        if vision_path is not None:
-            model.vision = VisionTransformer.from_pretrained(vision_path, dtype, device)
-            found, want = model.vision.args, config.vision  # the tower the adapter was trained for
-            if (found.dim, found.num_patches) != (want.dim, want.num_patches):
-                raise CheckpointError(f"{vision_path}: vision tower gives {found.num_patches} patches of width "
-                                      f"{found.dim}, but the model expects {want.num_patches} of width {want.dim}")
-        else:
-            model.vision = VisionTransformer(config.vision).requires_grad_(False)
+        model.vision = (VisionTransformer.from_pretrained(vision_path, dtype, device) if vision_path is not None
+                        else VisionTransformer(config.vision).requires_grad_(False))
+        found, want = model.vision.args, config.vision  # the tower the adapter was trained for
+        if (found.dim, found.num_patches) != (want.dim, want.num_patches):
+            raise CheckpointError(f"{vision_path}: vision tower gives {found.num_patches} patches of width "
+                                  f"{found.dim}, but the model expects {want.num_patches} of width {want.dim}")
         model.llm = Llama.from_pretrained(llm_path, dtype, device) if llm_path is not None else Llama(config.llm)
         model.projector = build_projector(config.projector, config.vision.dim, config.llm.dim)
         if projector_path is not None:
@@ -205,55 +180,37 @@ class QilinMedVL(nn.Module):
         write_config(folder, self.config.to_dict(), tokenizer)
 
     def save_projector(self, folder, vision_path=None, llm_path=None, tokenizer=None):
-        """Stage 1's output: the adapter alone, and a config that records which towers it was trained
-        against, so that `from_pretrained` can assemble the whole model."""
+        """Stage 1's output: the adapter, and a config naming the towers it was trained against."""
         towers = dict(vision_path=vision_path and os.path.abspath(vision_path),
                       llm_path=llm_path and os.path.abspath(llm_path))
         write_projector(folder, self.projector.state_dict(),
                         dict(self.config.to_dict(), model_type="qilin_med_vl_projector", **towers), tokenizer)
 
     def save_towers(self, folder, tokenizer=None):
-        """The vision tower and the LLM as Hugging Face folders, folder/vision and folder/llm, laid out as
-        the official ones: the demo's random towers then load exactly as the real CLIP and LLaMA do."""
-        save_weights({f"vision_model.{k}": v for k, v in self.vision.state_dict().items()}, os.path.join(folder, "vision"))
-        save_weights({(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in self.llm.state_dict().items()},
-                     os.path.join(folder, "llm"))
-        write_config(os.path.join(folder, "vision"), self.config.vision.to_hf_config())
-        write_config(os.path.join(folder, "llm"), self.config.llm.to_hf_config(), tokenizer)
+        """folder/vision and folder/llm, laid out as the official CLIP and LLaMA: the demo's towers load alike."""
+        vision, llm = os.path.join(folder, "vision"), os.path.join(folder, "llm")
+        save_weights({f"vision_model.{k}": v for k, v in self.vision.state_dict().items()}, vision)
+        save_weights({(k if k.startswith("lm_head") else f"model.{k}"): v  # LLaMA's keys: model.*, but lm_head
+                      for k, v in self.llm.state_dict().items()}, llm)
+        write_config(vision, self.config.vision.to_hf_config())
+        write_config(llm, self.config.llm.to_hf_config(), tokenizer)
 
     def export_llava_hf(self, folder, tokenizer=None):
-        """transformers' llava-hf layout (LlavaForConditionalGeneration), to serve a trained model
-        with transformers or vLLM; with the SentencePiece `tokenizer` (its tokenizer.model) also the
-        processor files and chat template that AutoProcessor and vLLM read."""
-        if self.config.projector != "mlp2x_gelu":
+        """transformers' llava-hf layout, to serve with transformers or vLLM; with `tokenizer` (a SentencePiece
+        tokenizer.model) also the processor files and chat template that AutoProcessor and vLLM read."""
+        config = self.config
+        if config.projector != "mlp2x_gelu":
             raise ValueError("export_llava_hf needs projector='mlp2x_gelu': transformers' Llava projector is "
                              "always two linear layers with a GELU, so a 'linear' adapter has no place in it")
         if tokenizer is not None:  # first: a tokenizer that does not fit fails before the weights are written
-            tok, image_token = Tokenizer(tokenizer), self.config.llm.vocab_size  # the row to_llava_hf appends
+            tok, image_token = Tokenizer(tokenizer), config.llm.vocab_size  # the row to_llava_hf appends
             if tok.vocab_size != image_token:  # transformers numbers an added token right after the pieces
                 raise ValueError(f"{tokenizer}: {tok.vocab_size} pieces but the model has {image_token} embedding rows; "
                                  f"the processor's <image> token would get id {tok.vocab_size}, not {image_token}")
-            write_llava_hf_processor(folder, self.config, tok, chat_template(self.config.style, tok),
-                                     IMAGE, CLIP_MEAN, CLIP_STD)
+            write_llava_hf_processor(folder, config, tok, chat_template(config.style, tok), IMAGE, CLIP_MEAN, CLIP_STD)
         save_weights(to_llava_hf(self.state_dict()), folder)
-        write_config(folder, llava_hf_export_config(self.config.vision.to_hf_config(), self.config.llm.to_hf_config(),
-                                                    self.config.select_layer, self.config.style, self.config.image_fit),
-                     tokenizer)
-
-
-def chat_template(style, tokenizer):
-    """prompts/chat_template.jinja with this style's system prompt and question layouts set on top.
-    The layouts come from data.build_conversation itself, with a marker for the question: the
-    first turn of a dialog about an image, and a later turn (which never carries the image)."""
-    mark = "\x00"
-    record = {"image": "image", "conversations": [{"from": "human", "value": mark}, {"from": "gpt", "value": "-"},
-                                                  {"from": "human", "value": mark}]}
-    first, _, later = build_conversation(record, 2, style)
-    values = dict(bos=tokenizer.sp.id_to_piece(tokenizer.bos_id), eos=tokenizer.sp.id_to_piece(tokenizer.eos_id),
-                  system=TEMPLATES[STAGE_TEMPLATE[(2, style)]]["system"],
-                  question_with_image=first["value"].split(mark), question_alone=later["value"].split(mark))
-    header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}\n" for k, v in values.items())
-    return header + (PROMPT_DIR / "chat_template.jinja").read_text(encoding="utf-8")
+        write_config(folder, llava_hf_export_config(config.vision.to_hf_config(), config.llm.to_hf_config(),
+                                                    config.select_layer, config.style, config.image_fit), tokenizer)
 
 
 if __name__ == "__main__":
