@@ -14,7 +14,8 @@ Loading follows three rules:
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
 
-The second half knows the whole model's four folder layouts and writes the llava-hf export; model.py builds the model.
+The second half knows the whole model's four folder layouts (model.py builds the model), and last come
+train.py's run folders: its resumable checkpoints.
 """
 
 import json
@@ -235,13 +236,6 @@ LLAVA_HF_KEYS = (
     ("model.language_model.", "llm."),
     ("lm_head.", "llm.lm_head."),
 )
-TO_LLAVA_HF_KEYS = (  # our name -> the llava-hf export's (transformers 4's, which every version reads)
-    ("vision.", "vision_tower."),
-    ("projector.0.", "multi_modal_projector.linear_1."),
-    ("projector.2.", "multi_modal_projector.linear_2."),
-    ("llm.lm_head.", "language_model.lm_head."),
-    ("llm.", "language_model.model."),
-)
 
 
 def table_key_map(table, tower_keys):
@@ -432,68 +426,3 @@ def resume(engine, folder):
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
     return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
-
-
-# ---- the llava-hf export ----------------------------------------------------------------------------
-# llava-hf marks images with a real vocabulary id, repeated once per feature: the export appends an `<image>` row
-# to the embedding and output (the mean of the others, as transformers' resize sets it: in practice never the argmax).
-
-def to_llava_hf(state_dict):
-    """Our state dict (vision.*, projector.0/2.*, llm.*) -> llava-hf's, with the <image> row appended."""
-    state = {}
-    for name, t in state_dict.items():
-        if name in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
-            t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype)])  # + the <image> row
-        ours, theirs = next((o, h) for o, h in TO_LLAVA_HF_KEYS if name.startswith(o))
-        state[theirs + name.removeprefix(ours)] = t
-    return state
-
-
-def llava_hf_export_config(vision, text, select_layer, style, image_fit):
-    """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after the vocabulary,
-    once per patch. prompt_style and image_fit (ignored by transformers) tell our loader how the model was trained."""
-    image_token = text["vocab_size"]
-    return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=vision,
-                prompt_style=style, image_fit=image_fit,
-                text_config=dict(text, vocab_size=image_token + 1, pad_token_id=None),
-                image_token_index=image_token, image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
-                vision_feature_layer=select_layer, vision_feature_select_strategy="default",
-                projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
-
-
-def write_llava_hf_processor(folder, config, tokenizer, chat_template, placeholder, mean, std):
-    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog into
-    the model's inputs as chat.py does, written from https://huggingface.co/docs/transformers/model_doc/llava.
-    config: the QilinConfig; tokenizer: data.Tokenizer; placeholder "<image>"; mean, std: CLIP's normalisation."""
-    piece = tokenizer.sp.id_to_piece
-    files = {
-        # LLaMA's SentencePiece model plus a special <image> piece. legacy=True: each stretch between special tokens
-        # gets the dummy prefix, as data.py encodes text around <image> and after </s>; BOS comes from the template.
-        "tokenizer_config.json": dict(
-            tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
-            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
-            unk_token=piece(tokenizer.sp.unk_id()), pad_token=piece(tokenizer.pad_id),
-            clean_up_tokenization_spaces=False, model_max_length=config.llm.max_seq_len,
-            added_tokens_decoder={str(config.llm.vocab_size): dict(content=placeholder, special=True, normalized=False,
-                                                                   lstrip=False, rstrip=False, single_word=False)}),
-        # data.preprocess_image: "pad" squares the image with the CLIP-mean colour (do_pad), then both fits
-        # resize the short side bicubically and take the centre square (a no-op when padded)
-        "preprocessor_config.json": dict(
-            image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
-            do_convert_rgb=True, do_pad=config.image_fit == "pad", do_resize=True, resample=3,  # PIL bicubic
-            size=dict(shortest_edge=config.vision.image_size), do_center_crop=True,
-            crop_size=dict(height=config.vision.image_size, width=config.vision.image_size),
-            do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=mean, image_std=std),
-        # <image> becomes (size / patch)^2 + 1 - 1 tokens: the ViT's outputs less the class token ("default"),
-        # one per feature the adapter writes into the text
-        "processor_config.json": dict(
-            processor_class="LlavaProcessor", image_token=placeholder, patch_size=config.vision.patch_size,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1),
-        "generation_config.json": dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                       pad_token_id=tokenizer.pad_id),
-        "chat_template.jinja": chat_template,
-    }
-    os.makedirs(folder, exist_ok=True)
-    for name, content in files.items():
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            f.write(content if name.endswith(".jinja") else json.dumps(content, indent=2, ensure_ascii=False))

@@ -151,20 +151,6 @@ def expand_images(ids, num_image_tokens, labels=None):
     return out if labels is None else (out, [x for x, k in zip(labels, n) for _ in range(k)])
 
 
-def chat_template(style, tokenizer):
-    """prompts/chat_template.jinja (for llava-hf's processor and vLLM) with this style's system prompt and question
-    layouts on top, as build_conversation lays out a marker question: first with the image, then without."""
-    mark = "\x00"
-    record = {"image": "image", "conversations": [{"from": "human", "value": mark}, {"from": "gpt", "value": "-"},
-                                                  {"from": "human", "value": mark}]}
-    first, _, later = build_conversation(record, 2, style)
-    values = dict(bos=tokenizer.sp.id_to_piece(tokenizer.bos_id), eos=tokenizer.sp.id_to_piece(tokenizer.eos_id),
-                  system=TEMPLATES[STAGE_TEMPLATE[(2, style)]]["system"],
-                  question_with_image=first["value"].split(mark), question_alone=later["value"].split(mark))
-    header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}\n" for k, v in values.items())
-    return header + (PROMPT_DIR / "chat_template.jinja").read_text(encoding="utf-8")
-
-
 # ----------------------------------------------------------------------------- dataset and batch
 
 def image_files(record):

@@ -20,10 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weights, detect_layout, llava_config,
-                        llava_hf_config, llava_hf_export_config, llava_vision_path, load_projector, read_config,
-                        read_weights, save_weights, table_key_map, to_llava_hf, write_config, write_llava_hf_processor,
-                        write_projector)
-from data import CLIP_MEAN, CLIP_STD, IMAGE, IMAGE_TOKEN_INDEX, Tokenizer, chat_template
+                        llava_hf_config, llava_vision_path, load_projector, read_config, read_weights, save_weights,
+                        table_key_map, write_config, write_projector)
+from data import IMAGE_TOKEN_INDEX
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
 
@@ -194,23 +193,6 @@ class QilinMedVL(nn.Module):
                       for k, v in self.llm.state_dict().items()}, llm)
         write_config(vision, self.config.vision.to_hf_config())
         write_config(llm, self.config.llm.to_hf_config(), tokenizer)
-
-    def export_llava_hf(self, folder, tokenizer=None):
-        """transformers' llava-hf layout, to serve with transformers or vLLM; with `tokenizer` (a SentencePiece
-        tokenizer.model) also the processor files and chat template that AutoProcessor and vLLM read."""
-        config = self.config
-        if config.projector != "mlp2x_gelu":
-            raise ValueError("export_llava_hf needs projector='mlp2x_gelu': transformers' Llava projector is "
-                             "always two linear layers with a GELU, so a 'linear' adapter has no place in it")
-        if tokenizer is not None:  # first: a tokenizer that does not fit fails before the weights are written
-            tok, image_token = Tokenizer(tokenizer), config.llm.vocab_size  # the row to_llava_hf appends
-            if tok.vocab_size != image_token:  # transformers numbers an added token right after the pieces
-                raise ValueError(f"{tokenizer}: {tok.vocab_size} pieces but the model has {image_token} embedding rows; "
-                                 f"the processor's <image> token would get id {tok.vocab_size}, not {image_token}")
-            write_llava_hf_processor(folder, config, tok, chat_template(config.style, tok), IMAGE, CLIP_MEAN, CLIP_STD)
-        save_weights(to_llava_hf(self.state_dict()), folder)
-        write_config(folder, llava_hf_export_config(config.vision.to_hf_config(), config.llm.to_hf_config(),
-                                                    config.select_layer, config.style, config.image_fit), tokenizer)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, L
 
 from checkpoint import CheckpointError, read_safetensors
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, collate, expand_images, load_image, preprocess_image
+from export import export_llava_hf
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
@@ -106,7 +107,7 @@ def test_llava_hf_transformers4_variants(hf_llava, pixels, tmp_path, variant):
 def test_export_llava_hf_loads_in_transformers(hf_llava, pixels, tmp_path):
     _, folder = hf_llava
     ours = QilinMedVL.from_pretrained(folder)
-    ours.export_llava_hf(tmp_path / "export")
+    export_llava_hf(ours, tmp_path / "export")
     exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     image_id = json.loads((tmp_path / "export" / "config.json").read_text())["image_token_index"]
     assert image_id == ours.config.llm.vocab_size  # one new row, after the existing vocabulary
@@ -117,7 +118,7 @@ def test_export_llava_hf_loads_in_transformers(hf_llava, pixels, tmp_path):
                                     llm=LlamaArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=4,
                                                   intermediate_size=64, vocab_size=50)))
     with pytest.raises(ValueError, match="needs projector='mlp2x_gelu'"):
-        linear.export_llava_hf(tmp_path / "nope")
+        export_llava_hf(linear, tmp_path / "nope")
 
 
 def write_original_llava(hf, folder, clip_folder, projector="mlp2x_gelu"):
