@@ -30,6 +30,8 @@ from data import (IMAGE, MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageErro
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
+HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
+/help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
 def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
@@ -66,10 +68,8 @@ def sample(logits, temperature, top_p, rng):
     """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else top-p sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs, order = probs.sort(dim=-1, descending=True)  # (B, vocab), most likely first
-    # keep the smallest head whose mass reaches top_p; the first token is always kept
-    probs[probs.cumsum(-1) - probs > top_p] = 0
+    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)  # (B, vocab), descending
+    probs[probs.cumsum(-1) - probs > top_p] = 0  # keep the smallest head with top_p of the mass (at least one)
     choice = torch.multinomial(probs, 1, generator=rng)  # (B, 1); multinomial renormalises
     return order.gather(-1, choice).squeeze(-1)
 
@@ -85,24 +85,19 @@ def compiled(llm):
 @torch.inference_mode()
 def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None,
              compile=False):
-    """Yield the next token of every row, (B,) per step, until all rows have ended or max_new_tokens.
-    prompts: B lists of ids from data.render (IMAGE_TOKEN_INDEX once per image); pixel_values:
-    (N, 3, S, S) for those placeholders in row order, or None. An ended row keeps getting eos_id."""
+    """Yield every row's next token, (B,) per step, until all rows have ended (an ended row gets eos_id) or after
+    max_new_tokens. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S) for their images, or None."""
     llm, device = model.llm, model.llm.lm_head.weight.device
     prompts = [expand_images(p, model.num_image_tokens) for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long)  # left-padded: the last column is every row's last token
-    real = torch.zeros(B, L, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):], real[b, L - len(p):] = torch.tensor(p), True
-    ids, real = ids.to(device), real.to(device)
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)  # (B, L), left-padded
+    real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)  # (B, L)
     embeds = model.embed(ids, None if pixel_values is None else pixel_values.to(device))  # (B, L, dim)
     llm.setup_cache(B, L + max_new_tokens)
-    pad_mask = torch.ones(B, llm.cache_len, dtype=torch.bool, device=device)  # (B, S): False at padding
-    pad_mask[:, :L] = real
+    pad_mask = torch.cat([real, real.new_ones(B, llm.cache_len - L)], 1)  # (B, S): False at padding
     # prefill: slots 0..L-1; RoPE positions count each row's real tokens; logits of the last column only
-    logits = llm(inputs_embeds=embeds, input_pos=torch.arange(L, device=device), positions=(real.cumsum(1) - 1).clamp(min=0),
-                 pad_mask=pad_mask, logits_at=torch.arange(B, device=device) * L + L - 1)  # (B, vocab)
+    logits = llm(inputs_embeds=embeds, input_pos=torch.arange(L, device=device), pad_mask=pad_mask,
+                 positions=(real.cumsum(1) - 1).clamp(min=0), logits_at=torch.arange(B, device=device) * L + L - 1)
     step = compiled(llm) if compile else llm
     start = real.sum(1, keepdim=True)  # (B, 1): each row's RoPE position for its first new token
     slots = torch.arange(L, L + max_new_tokens, device=device)  # the cache slot of each new token
@@ -122,12 +117,8 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
     """Every row's new tokens as a list of ids, up to (without) its EOS."""
-    out = [[] for _ in prompts]
-    for token in generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling):
-        for row, t in zip(out, token.tolist()):
-            if t != eos_id:  # once a row has ended, generate gives it only eos_id
-                row.append(t)
-    return out
+    tokens = torch.stack(list(generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling)), 1)
+    return [[t for t in row if t != eos_id] for row in tokens.tolist()]  # an ended row gets only eos_id
 
 
 class TextStream:
@@ -165,15 +156,10 @@ def answer(model, tokenizer, turns, pixels, args, rng):
     stream = TextStream(tokenizer)
     for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, rng,
                           args.compile):
-        if token.item() == tokenizer.eos_id:
-            break
-        print(stream.push(token.item()), end="", flush=True)
+        if token.item() != tokenizer.eos_id:  # the last step when there is one
+            print(stream.push(token.item()), end="", flush=True)
     print(flush=True)
     return stream.text
-
-
-HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
-/help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
 def chat(model, tokenizer, pixels, args, rng):
@@ -241,6 +227,8 @@ def pmc_vqa_to_records(csv_path):
 
 
 YES, NO = ("yes", "是", "是的", "对", "有"), ("no", "否", "不是", "不对", "不", "没有", "无")
+LEADING_LETTER = re.compile(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])")  # "B", "(C)", "A: CT"; not "A chest"
+STATED_LETTER = re.compile(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])")
 
 
 def yes_no(text, strict=True):
@@ -252,10 +240,6 @@ def yes_no(text, strict=True):
             return "no" if word in NO else "yes"
     found = set() if strict else set(re.findall(r"\b(yes|no)\b", text.lower()))
     return found.pop() if len(found) == 1 else None
-
-
-LEADING_LETTER = re.compile(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])")  # "B", "(C)", "A: CT"; not "A chest"
-STATED_LETTER = re.compile(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])")
 
 
 def choice_letter(prediction, choices):
@@ -293,13 +277,12 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
         questions = []
         for k in range(1, len(turns), 2):
             prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
-            # the room this prompt leaves, as if it were alone, whatever it is batched with
-            budget = room(model, prompt, args.max_new_tokens or 512)[0]
+            budget = room(model, prompt, args.max_new_tokens or 512)[0]  # as if alone, whatever it is batched with
             if budget == 0:
                 skipped["answers_over_context"] += 1
-                continue
-            questions.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels, room=budget,
-                                  question=turns[k - 1]["value"], reference=turns[k]["value"]))
+            else:
+                questions.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels, room=budget,
+                                      question=turns[k - 1]["value"], reference=turns[k]["value"]))
         return questions
     except ImageError:
         skipped["records_missing_or_corrupt_image"] += 1
@@ -308,16 +291,6 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
     except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
         skipped["records_malformed"] += 1
     return []
-
-
-def answer_batch(model, tokenizer, batch, args, rng):
-    """A batch of questions decoded together for the largest room, each answer cut to its own (positions
-    are per row, so the longer cache changes nothing for a short prompt)."""
-    prompts, pixels = [q["prompt"] for q in batch], [q["pixels"] for q in batch if q["pixels"] is not None]
-    answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, max(q["room"] for q in batch),
-                             tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p, rng=rng,
-                             compile=args.compile)
-    return [tokenizer.decode(ids[:q["room"]]) for q, ids in zip(batch, answers)]
 
 
 def evaluate(model, tokenizer, args, rng):
@@ -331,46 +304,44 @@ def evaluate(model, tokenizer, args, rng):
     questions = (q for r in progress for q in record_questions(r, model, tokenizer, image_root, args, skipped))
     with open(args.out, "w", encoding="utf-8") as out:
         while batch := list(itertools.islice(questions, args.batch_size)):  # reads records as far as this batch needs
-            for q, prediction in zip(batch, answer_batch(model, tokenizer, batch, args, rng)):
+            # decoded for the largest room, each answer cut to its own; positions are per row, so batching changes none
+            pixels = [q["pixels"] for q in batch if q["pixels"] is not None]
+            answers = generate_batch(model, [q["prompt"] for q in batch], torch.cat(pixels) if pixels else None,
+                                     max(q["room"] for q in batch), tokenizer.eos_id, temperature=args.temperature,
+                                     top_p=args.top_p, rng=rng, compile=args.compile)
+            for q, ids in zip(batch, answers):
+                prediction = tokenizer.decode(ids[:q["room"]])
                 kind, result = score(prediction, q["reference"], q["record"], q["turn"])
                 results.append(dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
                                     reference=q["reference"], prediction=prediction, kind=kind, **result))
                 out.write(json.dumps(results[-1], ensure_ascii=False) + "\n")
-    if not results:  # rather than a table of dashes: why, and what to change
-        raise ValueError(nothing_answered(args.eval, len(records), skipped, image_root))
-    report(results, len(records), skipped, args.out)
+    report(results, len(records), skipped, args, image_root)
 
 
-def nothing_answered(path, n_records, skipped, image_root):
-    """Why an evaluation gave no answer, by its most common skip, and what to change."""
-    hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
-            "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
-            "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
-            "answers_over_context": "the questions with the image's features are longer than the model's context",
-            }.get(skipped.most_common(1)[0][0] if skipped else None, "no record has a gpt turn to answer")
+def report(results, n_records, skipped, args, image_root):
+    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file. No answers at
+    all is an error rather than a table of dashes: it says why (the most common skip) and what to change."""
     counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
-    return f"{path}: no answers from {n_records} records (skipped: {counts}); {hint}"
-
-
-METRICS = {"multiple_choice_accuracy": ("multiple_choice", "correct"), "yes_no_accuracy": ("yes_no", "correct"),
-           "open_recall": ("open", "recall")}  # name: (kind of answer, the result field it averages)
-
-
-def report(results, n_records, skipped, out):
-    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
+    if not results:
+        hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
+                "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
+                "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
+                "answers_over_context": "the questions with the image's features are longer than the model's context",
+                }.get(max(skipped, key=skipped.get, default=None), "no record has a gpt turn to answer")
+        raise ValueError(f"{args.eval}: no answers from {n_records} records (skipped: {counts}); {hint}")
     m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name, (kind, field) in METRICS.items():
+    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
+                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
         values = [r[field] for r in results if r["kind"] == kind]
         known = [v for v in values if v is not None]  # a reference without words has no recall
         value = sum(known) / len(known) if known else None
         m[name] = {"n": len(values), "value": value}
         print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
-    counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
     print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
-    path = str(Path(out).with_suffix("")) + ".metrics.json"
+    path = str(Path(args.out).with_suffix("")) + ".metrics.json"
     Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
-    print(f"wrote {out} and {path}")
+    print(f"wrote {args.out} and {path}")
 
 
 def main(argv=None):
@@ -405,8 +376,7 @@ def main(argv=None):
             (args.max_new_tokens is not None and args.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
             (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}"),
             (not 0 < args.top_p <= 1, f"--top-p must be above 0 and at most 1, not {args.top_p}"),
-            (not (args.temperature is None or args.temperature >= 0),
-             f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
+            ((args.temperature or 0) < 0, f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
         if bad:
             p.error(message)
     if args.temperature is None:
@@ -418,20 +388,16 @@ def main(argv=None):
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    if args.seed is None:
-        rng.seed()
-    else:
-        rng.manual_seed(args.seed)
+    rng.seed() if args.seed is None else rng.manual_seed(args.seed)  # by default a random seed
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
+        pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)
         if args.eval:
             evaluate(model, tokenizer, args, rng)
-            return 0
-        pixels = load_pixels(args.images, model, args.max_image_pixels)
-        if args.question is not None:
-            turns = [{"from": "human", "value": args.question}]
-            return 0 if answer(model, tokenizer, turns, pixels, args, rng) is not None else 1
-        chat(model, tokenizer, pixels, args, rng)
+        elif args.question is None:
+            chat(model, tokenizer, pixels, args, rng)
+        elif answer(model, tokenizer, [{"from": "human", "value": args.question}], pixels, args, rng) is None:
+            return 1  # it does not fit the context
         return 0
     except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
