@@ -1,7 +1,6 @@
 """Talk to Qilin-Med-VL about medical images, or score it on a VQA file: the inference of paper section 4.1
 (images concatenated into one as in section 3.3, prompts rendered by data.py exactly as training rendered them).
-Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row, greedy at
-temperature 0, else top-p. Batches are left-padded, so every row's next token is in the last column.
+Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row (gpt-fast's loop).
 
     python chat.py samples/images/chest_xray.png --demo            interactive, streamed
     python chat.py IMAGE --model DIR --question "这是什么影像？"   one answer on stdout
@@ -68,25 +67,23 @@ def sample(logits, temperature, top_p, rng):
     """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else top-p sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)  # (B, vocab), descending
+    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)  # (B, vocab)
     probs[probs.cumsum(-1) - probs > top_p] = 0  # keep the smallest head with top_p of the mass (at least one)
-    choice = torch.multinomial(probs, 1, generator=rng)  # (B, 1); multinomial renormalises
-    return order.gather(-1, choice).squeeze(-1)
+    return order.gather(-1, torch.multinomial(probs, 1, generator=rng)).squeeze(-1)  # multinomial renormalises
 
 
 @functools.cache
 def compiled(llm):
-    """One decode step compiled (gpt-fast's recipe): every step has the same shapes (one token per row, the static
-    cache, the slot as a tensor), so mode="reduce-overhead" replays its ~1,000 kernel launches, which limit an eager
-    step at batch 1, as one CUDA graph. Once per model and cache size; on the CPU the matmuls dominate: little gain."""
+    """One decode step compiled as in gpt-fast: its shapes never change (one token per row, the static cache, a tensor
+    slot), so mode="reduce-overhead" replays its ~1,000 kernel launches (an eager step's limit) as one CUDA graph."""
     return torch.compile(llm, mode="reduce-overhead", fullgraph=True)
 
 
 @torch.inference_mode()
 def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None,
              compile=False):
-    """Yield every row's next token, (B,) per step, until all rows have ended (an ended row gets eos_id) or after
-    max_new_tokens. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S) for their images, or None."""
+    """Yield every row's next token, (B,) per step, until all rows have ended or max_new_tokens; an ended row gets
+    eos_id. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S), their images in row order, or None."""
     llm, device = model.llm, model.llm.lm_head.weight.device
     prompts = [expand_images(p, model.num_image_tokens) for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -122,8 +119,7 @@ def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampl
 
 
 class TextStream:
-    """Ids in, new text out, never half a character: byte-fallback pieces (<0xE8><0x83><0xB8>) make
-    one only together, so all ids so far are decoded and a trailing U+FFFD (incomplete) held back."""
+    """Ids in, new text out, never half a character: one made of byte pieces (<0xE8><0x83><0xB8>) waits for them all."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
@@ -156,7 +152,7 @@ def answer(model, tokenizer, turns, pixels, args, rng):
     stream = TextStream(tokenizer)
     for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, rng,
                           args.compile):
-        if token.item() != tokenizer.eos_id:  # the last step when there is one
+        if token.item() != tokenizer.eos_id:  # EOS, if it comes, is the last step
             print(stream.push(token.item()), end="", flush=True)
     print(flush=True)
     return stream.text
@@ -175,8 +171,6 @@ def chat(model, tokenizer, pixels, args, rng):
         command, _, rest = line.partition(" ")
         if command == "/quit":
             return
-        elif command == "/help":
-            print(HELP)
         elif command == "/reset":
             turns = []
             print("(new dialog about the same image)")
@@ -190,7 +184,7 @@ def chat(model, tokenizer, pixels, args, rng):
             except ValueError as e:  # ImageError, TooManyImages, bad quoting: the old image stays
                 print(f"error: {e}", file=sys.stderr)
         elif command.startswith("/"):
-            print(f"unknown command {command}. {HELP}")
+            print(HELP if command == "/help" else f"unknown command {command}. {HELP}")
         elif line:
             question = {"from": "human", "value": line}
             try:
@@ -205,8 +199,7 @@ def chat(model, tokenizer, pixels, args, rng):
 
 
 def pmc_vqa_to_records(csv_path):
-    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records whose
-    question lists the choices, keeping choices and label for scoring; bad rows are skipped with a warning."""
+    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records listing the choices."""
     records, bad = [], []
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
@@ -243,8 +236,7 @@ def yes_no(text, strict=True):
 
 
 def choice_letter(prediction, choices):
-    """The letter a prediction picks among choices {"A": text, ...}: a leading letter ("B", "(C)",
-    "A: ..."), a stated one ("答案是B", "answer is C"), else the one choice whose text it contains."""
+    """The letter a prediction picks from {"A": text, ...}: "(C) ...", "答案是B", else the one choice it quotes."""
     text = prediction.strip()
     m = LEADING_LETTER.match(text) or STATED_LETTER.search(text)
     if m and m.group(1) in choices:
@@ -269,8 +261,7 @@ def score(prediction, reference, record, turn):
 
 
 def record_questions(record, model, tokenizer, image_root, args, skipped):
-    """One record's questions: each assistant turn, with the reference dialog before it as history.
-    A record that cannot be used gives none, and `skipped` counts why."""
+    """A record's questions: each gpt turn after its reference dialog; none if unusable, and `skipped` says why."""
     try:
         turns, paths = record["conversations"], [os.path.join(image_root, f) for f in image_files(record)]
         pixels = load_pixels(paths, model, args.max_image_pixels) if paths else None
@@ -294,8 +285,8 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
 
 
 def evaluate(model, tokenizer, args, rng):
-    """Answer every assistant turn of every record, batch_size questions at a time as the records are
-    read (so only one batch of images is in memory); write one JSON line per answer, then the metrics."""
+    """Answer every gpt turn of every record, batch_size at a time as the records are read (one batch of images in
+    memory); write one JSON line per answer, then the metrics: a table on stdout, JSON in STEM.metrics.json."""
     records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
     skipped, results = Counter(), []
@@ -315,21 +306,15 @@ def evaluate(model, tokenizer, args, rng):
                 results.append(dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
                                     reference=q["reference"], prediction=prediction, kind=kind, **result))
                 out.write(json.dumps(results[-1], ensure_ascii=False) + "\n")
-    report(results, len(records), skipped, args, image_root)
-
-
-def report(results, n_records, skipped, args, image_root):
-    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file. No answers at
-    all is an error rather than a table of dashes: it says why (the most common skip) and what to change."""
     counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
-    if not results:
+    if not results:  # rather than a table of dashes: why (the most common skip), and what to change
         hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
                 "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
                 "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
                 "answers_over_context": "the questions with the image's features are longer than the model's context",
                 }.get(max(skipped, key=skipped.get, default=None), "no record has a gpt turn to answer")
-        raise ValueError(f"{args.eval}: no answers from {n_records} records (skipped: {counts}); {hint}")
-    m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
+        raise ValueError(f"{args.eval}: no answers from {len(records)} records (skipped: {counts}); {hint}")
+    m = {"records": len(records), "answers": len(results), "skipped": dict(skipped)}
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
     for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
                               ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
@@ -338,7 +323,7 @@ def report(results, n_records, skipped, args, image_root):
         value = sum(known) / len(known) if known else None
         m[name] = {"n": len(values), "value": value}
         print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
-    print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
+    print(f"{len(results)} answers from {len(records)} records; skipped: {counts}")
     path = str(Path(args.out).with_suffix("")) + ".metrics.json"
     Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
     print(f"wrote {args.out} and {path}")
@@ -388,7 +373,7 @@ def main(argv=None):
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    rng.seed() if args.seed is None else rng.manual_seed(args.seed)  # by default a random seed
+    rng.seed() if args.seed is None else rng.manual_seed(args.seed)  # a random seed unless --seed
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
         pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)
