@@ -1,7 +1,6 @@
 """Talk to Qilin-Med-VL about medical images, or score it on a VQA file: the inference of paper section 4.1
 (images concatenated into one as in section 3.3, prompts rendered by data.py exactly as training rendered them).
-Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row, greedy at
-temperature 0, else top-p. Batches are left-padded, so every row's next token is in the last column.
+Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row (gpt-fast's loop).
 
     python chat.py samples/images/chest_xray.png --demo            interactive, streamed
     python chat.py IMAGE --model DIR --question "这是什么影像？"   one answer on stdout
@@ -30,6 +29,8 @@ from data import (IMAGE, MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageErro
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
+HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
+/help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
 def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
@@ -66,43 +67,34 @@ def sample(logits, temperature, top_p, rng):
     """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else top-p sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs, order = probs.sort(dim=-1, descending=True)  # (B, vocab), most likely first
-    # keep the smallest head whose mass reaches top_p; the first token is always kept
-    probs[probs.cumsum(-1) - probs > top_p] = 0
-    choice = torch.multinomial(probs, 1, generator=rng)  # (B, 1); multinomial renormalises
-    return order.gather(-1, choice).squeeze(-1)
+    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)  # (B, vocab)
+    probs[probs.cumsum(-1) - probs > top_p] = 0  # keep the smallest head with top_p of the mass (at least one)
+    return order.gather(-1, torch.multinomial(probs, 1, generator=rng)).squeeze(-1)  # multinomial renormalises
 
 
 @functools.cache
 def compiled(llm):
-    """One decode step compiled (gpt-fast's recipe): every step has the same shapes (one token per row, the static
-    cache, the slot as a tensor), so mode="reduce-overhead" replays its ~1,000 kernel launches, which limit an eager
-    step at batch 1, as one CUDA graph. Once per model and cache size; on the CPU the matmuls dominate: little gain."""
+    """One decode step compiled as in gpt-fast: its shapes never change (one token per row, the static cache, a tensor
+    slot), so mode="reduce-overhead" replays its ~1,000 kernel launches (an eager step's limit) as one CUDA graph."""
     return torch.compile(llm, mode="reduce-overhead", fullgraph=True)
 
 
 @torch.inference_mode()
 def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None,
              compile=False):
-    """Yield the next token of every row, (B,) per step, until all rows have ended or max_new_tokens.
-    prompts: B lists of ids from data.render (IMAGE_TOKEN_INDEX once per image); pixel_values:
-    (N, 3, S, S) for those placeholders in row order, or None. An ended row keeps getting eos_id."""
+    """Yield every row's next token, (B,) per step, until all rows have ended or max_new_tokens; an ended row gets
+    eos_id. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S), their images in row order, or None."""
     llm, device = model.llm, model.llm.lm_head.weight.device
     prompts = [expand_images(p, model.num_image_tokens) for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long)  # left-padded: the last column is every row's last token
-    real = torch.zeros(B, L, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):], real[b, L - len(p):] = torch.tensor(p), True
-    ids, real = ids.to(device), real.to(device)
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)  # (B, L), left-padded
+    real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)  # (B, L)
     embeds = model.embed(ids, None if pixel_values is None else pixel_values.to(device))  # (B, L, dim)
     llm.setup_cache(B, L + max_new_tokens)
-    pad_mask = torch.ones(B, llm.cache_len, dtype=torch.bool, device=device)  # (B, S): False at padding
-    pad_mask[:, :L] = real
+    pad_mask = torch.cat([real, real.new_ones(B, llm.cache_len - L)], 1)  # (B, S): False at padding
     # prefill: slots 0..L-1; RoPE positions count each row's real tokens; logits of the last column only
-    logits = llm(inputs_embeds=embeds, input_pos=torch.arange(L, device=device), positions=(real.cumsum(1) - 1).clamp(min=0),
-                 pad_mask=pad_mask, logits_at=torch.arange(B, device=device) * L + L - 1)  # (B, vocab)
+    logits = llm(inputs_embeds=embeds, input_pos=torch.arange(L, device=device), pad_mask=pad_mask,
+                 positions=(real.cumsum(1) - 1).clamp(min=0), logits_at=torch.arange(B, device=device) * L + L - 1)
     step = compiled(llm) if compile else llm
     start = real.sum(1, keepdim=True)  # (B, 1): each row's RoPE position for its first new token
     slots = torch.arange(L, L + max_new_tokens, device=device)  # the cache slot of each new token
@@ -122,17 +114,12 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
     """Every row's new tokens as a list of ids, up to (without) its EOS."""
-    out = [[] for _ in prompts]
-    for token in generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling):
-        for row, t in zip(out, token.tolist()):
-            if t != eos_id:  # once a row has ended, generate gives it only eos_id
-                row.append(t)
-    return out
+    tokens = torch.stack(list(generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling)), 1)
+    return [[t for t in row if t != eos_id] for row in tokens.tolist()]  # an ended row gets only eos_id
 
 
 class TextStream:
-    """Ids in, new text out, never half a character: byte-fallback pieces (<0xE8><0x83><0xB8>) make
-    one only together, so all ids so far are decoded and a trailing U+FFFD (incomplete) held back."""
+    """Ids in, new text out, never half a character: one made of byte pieces (<0xE8><0x83><0xB8>) waits for them all."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
@@ -165,15 +152,10 @@ def answer(model, tokenizer, turns, pixels, args, rng):
     stream = TextStream(tokenizer)
     for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, rng,
                           args.compile):
-        if token.item() == tokenizer.eos_id:
-            break
-        print(stream.push(token.item()), end="", flush=True)
+        if token.item() != tokenizer.eos_id:  # EOS, if it comes, is the last step
+            print(stream.push(token.item()), end="", flush=True)
     print(flush=True)
     return stream.text
-
-
-HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
-/help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
 def chat(model, tokenizer, pixels, args, rng):
@@ -189,8 +171,6 @@ def chat(model, tokenizer, pixels, args, rng):
         command, _, rest = line.partition(" ")
         if command == "/quit":
             return
-        elif command == "/help":
-            print(HELP)
         elif command == "/reset":
             turns = []
             print("(new dialog about the same image)")
@@ -204,7 +184,7 @@ def chat(model, tokenizer, pixels, args, rng):
             except ValueError as e:  # ImageError, TooManyImages, bad quoting: the old image stays
                 print(f"error: {e}", file=sys.stderr)
         elif command.startswith("/"):
-            print(f"unknown command {command}. {HELP}")
+            print(HELP if command == "/help" else f"unknown command {command}. {HELP}")
         elif line:
             question = {"from": "human", "value": line}
             try:
@@ -219,8 +199,7 @@ def chat(model, tokenizer, pixels, args, rng):
 
 
 def pmc_vqa_to_records(csv_path):
-    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records whose
-    question lists the choices, keeping choices and label for scoring; bad rows are skipped with a warning."""
+    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records listing the choices."""
     records, bad = [], []
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
@@ -241,6 +220,8 @@ def pmc_vqa_to_records(csv_path):
 
 
 YES, NO = ("yes", "是", "是的", "对", "有"), ("no", "否", "不是", "不对", "不", "没有", "无")
+LEADING_LETTER = re.compile(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])")  # "B", "(C)", "A: CT"; not "A chest"
+STATED_LETTER = re.compile(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])")
 
 
 def yes_no(text, strict=True):
@@ -254,13 +235,8 @@ def yes_no(text, strict=True):
     return found.pop() if len(found) == 1 else None
 
 
-LEADING_LETTER = re.compile(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])")  # "B", "(C)", "A: CT"; not "A chest"
-STATED_LETTER = re.compile(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])")
-
-
 def choice_letter(prediction, choices):
-    """The letter a prediction picks among choices {"A": text, ...}: a leading letter ("B", "(C)",
-    "A: ..."), a stated one ("答案是B", "answer is C"), else the one choice whose text it contains."""
+    """The letter a prediction picks from {"A": text, ...}: "(C) ...", "答案是B", else the one choice it quotes."""
     text = prediction.strip()
     m = LEADING_LETTER.match(text) or STATED_LETTER.search(text)
     if m and m.group(1) in choices:
@@ -285,21 +261,19 @@ def score(prediction, reference, record, turn):
 
 
 def record_questions(record, model, tokenizer, image_root, args, skipped):
-    """One record's questions: each assistant turn, with the reference dialog before it as history.
-    A record that cannot be used gives none, and `skipped` counts why."""
+    """A record's questions: each gpt turn after its reference dialog; none if unusable, and `skipped` says why."""
     try:
         turns, paths = record["conversations"], [os.path.join(image_root, f) for f in image_files(record)]
         pixels = load_pixels(paths, model, args.max_image_pixels) if paths else None
         questions = []
         for k in range(1, len(turns), 2):
             prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
-            # the room this prompt leaves, as if it were alone, whatever it is batched with
-            budget = room(model, prompt, args.max_new_tokens or 512)[0]
+            budget = room(model, prompt, args.max_new_tokens or 512)[0]  # as if alone, whatever it is batched with
             if budget == 0:
                 skipped["answers_over_context"] += 1
-                continue
-            questions.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels, room=budget,
-                                  question=turns[k - 1]["value"], reference=turns[k]["value"]))
+            else:
+                questions.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels, room=budget,
+                                      question=turns[k - 1]["value"], reference=turns[k]["value"]))
         return questions
     except ImageError:
         skipped["records_missing_or_corrupt_image"] += 1
@@ -310,19 +284,9 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
     return []
 
 
-def answer_batch(model, tokenizer, batch, args, rng):
-    """A batch of questions decoded together for the largest room, each answer cut to its own (positions
-    are per row, so the longer cache changes nothing for a short prompt)."""
-    prompts, pixels = [q["prompt"] for q in batch], [q["pixels"] for q in batch if q["pixels"] is not None]
-    answers = generate_batch(model, prompts, torch.cat(pixels) if pixels else None, max(q["room"] for q in batch),
-                             tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p, rng=rng,
-                             compile=args.compile)
-    return [tokenizer.decode(ids[:q["room"]]) for q, ids in zip(batch, answers)]
-
-
 def evaluate(model, tokenizer, args, rng):
-    """Answer every assistant turn of every record, batch_size questions at a time as the records are
-    read (so only one batch of images is in memory); write one JSON line per answer, then the metrics."""
+    """Answer every gpt turn of every record, batch_size at a time as the records are read (one batch of images in
+    memory); write one JSON line per answer, then the metrics: a table on stdout, JSON in STEM.metrics.json."""
     records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
     skipped, results = Counter(), []
@@ -331,46 +295,38 @@ def evaluate(model, tokenizer, args, rng):
     questions = (q for r in progress for q in record_questions(r, model, tokenizer, image_root, args, skipped))
     with open(args.out, "w", encoding="utf-8") as out:
         while batch := list(itertools.islice(questions, args.batch_size)):  # reads records as far as this batch needs
-            for q, prediction in zip(batch, answer_batch(model, tokenizer, batch, args, rng)):
+            # decoded for the largest room, each answer cut to its own; positions are per row, so batching changes none
+            pixels = [q["pixels"] for q in batch if q["pixels"] is not None]
+            answers = generate_batch(model, [q["prompt"] for q in batch], torch.cat(pixels) if pixels else None,
+                                     max(q["room"] for q in batch), tokenizer.eos_id, temperature=args.temperature,
+                                     top_p=args.top_p, rng=rng, compile=args.compile)
+            for q, ids in zip(batch, answers):
+                prediction = tokenizer.decode(ids[:q["room"]])
                 kind, result = score(prediction, q["reference"], q["record"], q["turn"])
                 results.append(dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
                                     reference=q["reference"], prediction=prediction, kind=kind, **result))
                 out.write(json.dumps(results[-1], ensure_ascii=False) + "\n")
-    if not results:  # rather than a table of dashes: why, and what to change
-        raise ValueError(nothing_answered(args.eval, len(records), skipped, image_root))
-    report(results, len(records), skipped, args.out)
-
-
-def nothing_answered(path, n_records, skipped, image_root):
-    """Why an evaluation gave no answer, by its most common skip, and what to change."""
-    hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
-            "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
-            "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
-            "answers_over_context": "the questions with the image's features are longer than the model's context",
-            }.get(skipped.most_common(1)[0][0] if skipped else None, "no record has a gpt turn to answer")
     counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
-    return f"{path}: no answers from {n_records} records (skipped: {counts}); {hint}"
-
-
-METRICS = {"multiple_choice_accuracy": ("multiple_choice", "correct"), "yes_no_accuracy": ("yes_no", "correct"),
-           "open_recall": ("open", "recall")}  # name: (kind of answer, the result field it averages)
-
-
-def report(results, n_records, skipped, out):
-    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
-    m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
+    if not results:  # rather than a table of dashes: why (the most common skip), and what to change
+        hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
+                "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
+                "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
+                "answers_over_context": "the questions with the image's features are longer than the model's context",
+                }.get(max(skipped, key=skipped.get, default=None), "no record has a gpt turn to answer")
+        raise ValueError(f"{args.eval}: no answers from {len(records)} records (skipped: {counts}); {hint}")
+    m = {"records": len(records), "answers": len(results), "skipped": dict(skipped)}
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name, (kind, field) in METRICS.items():
+    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
+                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
         values = [r[field] for r in results if r["kind"] == kind]
         known = [v for v in values if v is not None]  # a reference without words has no recall
         value = sum(known) / len(known) if known else None
         m[name] = {"n": len(values), "value": value}
         print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
-    counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
-    print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
-    path = str(Path(out).with_suffix("")) + ".metrics.json"
+    print(f"{len(results)} answers from {len(records)} records; skipped: {counts}")
+    path = str(Path(args.out).with_suffix("")) + ".metrics.json"
     Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
-    print(f"wrote {out} and {path}")
+    print(f"wrote {args.out} and {path}")
 
 
 def main(argv=None):
@@ -405,8 +361,7 @@ def main(argv=None):
             (args.max_new_tokens is not None and args.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
             (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}"),
             (not 0 < args.top_p <= 1, f"--top-p must be above 0 and at most 1, not {args.top_p}"),
-            (not (args.temperature is None or args.temperature >= 0),
-             f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
+            ((args.temperature or 0) < 0, f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
         if bad:
             p.error(message)
     if args.temperature is None:
@@ -418,20 +373,16 @@ def main(argv=None):
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    if args.seed is None:
-        rng.seed()
-    else:
-        rng.manual_seed(args.seed)
+    rng.seed() if args.seed is None else rng.manual_seed(args.seed)  # a random seed unless --seed
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
+        pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)
         if args.eval:
             evaluate(model, tokenizer, args, rng)
-            return 0
-        pixels = load_pixels(args.images, model, args.max_image_pixels)
-        if args.question is not None:
-            turns = [{"from": "human", "value": args.question}]
-            return 0 if answer(model, tokenizer, turns, pixels, args, rng) is not None else 1
-        chat(model, tokenizer, pixels, args, rng)
+        elif args.question is None:
+            chat(model, tokenizer, pixels, args, rng)
+        elif answer(model, tokenizer, [{"from": "human", "value": args.question}], pixels, args, rng) is None:
+            return 1  # it does not fit the context
         return 0
     except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback
         print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
