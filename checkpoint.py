@@ -200,7 +200,12 @@ def write_output(folder, write):
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # a failed write leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.makedirs(folder, exist_ok=True)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config.json last
         target = os.path.join(folder, name)
         if os.path.isdir(target):

@@ -23,6 +23,7 @@ from PIL import Image
 import chat
 from checkpoint import save_weights
 from data import IMAGE_TOKEN_INDEX, Tokenizer, expand_images, image_input, load_image
+from export import export_llava_hf
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
@@ -59,8 +60,8 @@ def question(text):
     return [{"from": "human", "value": text}]
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], capture_output=True, text=True,
+def run_cli(*args, cwd=ROOT, script="chat.py"):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=120, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
 
 
@@ -221,7 +222,7 @@ def hf_messages(turns):
 @pytest.mark.parametrize("style", ["paper", "release"])
 @pytest.mark.parametrize("image_fit", ["pad", "crop"])
 def test_llava_hf_export_serves_with_transformers_as_chat_answers(tmp_path, tokenizer, style, image_fit):
-    """export_llava_hf writes a folder that AutoProcessor and LlavaForConditionalGeneration serve
+    """`python export.py` writes a folder that AutoProcessor and LlavaForConditionalGeneration serve
     as they are: the processor's chat template and tokenizer give chat.prompt_ids' ids (the image's
     run of tokens collapsed to one placeholder), its image processor gives load_pixels' values, and
     greedy generate writes chat.generate_batch's tokens, for one question and for a second turn."""
@@ -229,7 +230,10 @@ def test_llava_hf_export_serves_with_transformers_as_chat_answers(tmp_path, toke
 
     model = tiny_model(style=style, projector="mlp2x_gelu")
     model.config.image_fit = image_fit
-    model.export_llava_hf(tmp_path, tokenizer=TOKENIZER)
+    model.save_pretrained(tmp_path / "trained", tokenizer=TOKENIZER)
+    result = run_cli(tmp_path / "trained", tmp_path / "export", script="export.py")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    tmp_path = tmp_path / "export"
     reloaded, _ = chat.load_model(str(tmp_path))  # chat.py on the export renders and fits as trained
     assert (reloaded.config.style, reloaded.config.image_fit) == (style, image_fit)
     processor = AutoProcessor.from_pretrained(tmp_path)
@@ -261,8 +265,19 @@ def test_llava_hf_export_refuses_a_tokenizer_that_does_not_fit_the_vocabulary(tm
     llm = dataclasses.replace(LlamaArgs.preset("demo"), vocab_size=32008)  # rows padded past the 32000 pieces
     model = QilinMedVL(QilinConfig(projector="mlp2x_gelu", vision=VisionArgs.preset("demo"), llm=llm))
     with pytest.raises(ValueError, match="32000 pieces but the model has 32008 embedding rows"):
-        model.export_llava_hf(tmp_path, tokenizer=TOKENIZER)
+        export_llava_hf(model, tmp_path, tokenizer=TOKENIZER)
     assert not (tmp_path / "model.safetensors").exists()  # refused before the weights were written
+
+
+def test_export_command_refuses_what_it_cannot_write(model_dir, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep")
+    result = run_cli(model_dir, taken, script="export.py")
+    assert result.returncode == 2 and "is not empty" in result.stderr and os.listdir(taken) == ["notes.txt"]
+    result = run_cli(model_dir, tmp_path / "out", script="export.py")  # the paper's linear adapter
+    assert result.returncode == 1 and "export.py: error: export_llava_hf needs projector='mlp2x_gelu'" in result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == ["taken"]  # nothing half-written
 
 
 # ----------------------------------------------------------------------------- the command line
