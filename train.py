@@ -131,11 +131,12 @@ def parse_args(argv=None):
     for flag in ("batch_size", "grad_accum", "save_every", "epochs", "max_steps", "max_image_pixels"):
         if (value := getattr(args, flag)) is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
-    for bad, message in ((not args.lr > 0, f"--lr must be above 0, not {args.lr}"),
-                         (not 0 <= args.warmup_ratio < 1, f"--warmup-ratio must be at least 0 and below 1, not {args.warmup_ratio}"),
-                         (args.resume and args.overwrite, "--resume continues the run in --output and --overwrite deletes it: choose one")):
-        if bad:
-            p.error(message)
+    if not args.lr > 0:
+        p.error(f"--lr must be above 0, not {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        p.error(f"--warmup-ratio must be at least 0 and below 1, not {args.warmup_ratio}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output and --overwrite deletes it: choose one")
     for flag in ("data", "image_root", "output"):
         if getattr(args, flag) is None:
             fail(f"--{flag.replace('_', '-')} is required (or --demo)")
@@ -279,18 +280,11 @@ def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
                   train_batch_size=args.batch_size * args.grad_accum * world_size, gradient_clipping=args.grad_clip,
                   optimizer={"type": "AdamW", "params": adam}, bf16={"enabled": args.precision == "bf16"},
                   zero_optimization=zero, steps_per_print=10**9)  # progress goes to the bar and metrics.jsonl instead
-    if args.deepspeed_config:
+    if args.deepspeed_config:  # its keys win; a section such as zero_optimization is merged key by key
         with open(args.deepspeed_config) as f:
-            config = merge(config, json.load(f))
+            for key, value in json.load(f).items():
+                config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
     return config
-
-
-def merge(base, override):
-    """Nested dicts: override's values win, sub-dicts are merged key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
@@ -382,12 +376,11 @@ class Metrics:
         record = dict(step=step, epoch=round(epoch, 4), loss=loss, lr=lr, tokens=int(tokens),
                       tokens_per_s=round(tokens / dt, 1), skipped=self.skipped + dropped, mfu=mfu)
         if self.log_ids:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, ids)
-            record["ids"] = [i for rank_ids in gathered for i in rank_ids]
+            record["ids"] = [None] * self.world
+            dist.all_gather_object(record["ids"], ids)  # every rank's list
+            record["ids"] = sum(record["ids"], [])
         if rank_zero():
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.file.flush()
+            print(json.dumps(record, ensure_ascii=False), file=self.file, flush=True)
             self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                                  mfu="-" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
             self.bar.update()
@@ -463,13 +456,11 @@ def main(argv=None):
 
 
 def save_final_model(model, config, args, tokenizer_path):
-    """The trained model into --output: stage 1 the adapter (with the demo's random towers), stage 2 the
-    whole model. ZeRO-3 keeps a slice of every weight on each rank: they are gathered one at a time
-    (every rank takes part in each gather) into a whole CPU copy on rank 0."""
-    import deepspeed
-
-    full = model
+    """The trained model into --output: stage 1 the adapter (beside the demo's random towers), stage 2 the whole
+    model. ZeRO-3 keeps a slice of each weight on each rank: every rank takes part in gathering them, one at a
+    time, into a whole CPU copy on rank 0."""
     if args.zero == 3:
+        import deepspeed
         state = {}
         for name, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
@@ -477,19 +468,19 @@ def save_final_model(model, config, args, tokenizer_path):
                     state[name] = p.detach().cpu().clone()
         if rank_zero():
             with torch.device("meta"):
-                full = QilinMedVL(config)
-            full.load_state_dict(state, strict=True, assign=True)
+                model = QilinMedVL(config)
+            model.load_state_dict(state, strict=True, assign=True)
     if not rank_zero():
         return
     demo = args.stage == 1 and args.vision is None  # the demo's random towers go beside the adapter
-    vision, llm = (os.path.join(args.output, "vision"), os.path.join(args.output, "llm")) if demo else (args.vision, args.llm)
+    towers = [os.path.join(args.output, "vision"), os.path.join(args.output, "llm")] if demo else [args.vision, args.llm]
 
     def write(tmp):
         if args.stage == 2:
-            return full.save_pretrained(tmp, tokenizer=tokenizer_path)
+            return model.save_pretrained(tmp, tokenizer=tokenizer_path)
         if demo:
-            full.save_towers(tmp, tokenizer_path)
-        full.save_projector(tmp, vision, llm, tokenizer_path)
+            model.save_towers(tmp, tokenizer_path)
+        model.save_projector(tmp, *towers, tokenizer_path)
     write_output(args.output, write)
 
 
