@@ -1,6 +1,7 @@
 """Talk to Qilin-Med-VL about medical images, or score it on a VQA file: the inference of paper section 4.1
 (images concatenated into one as in section 3.3, prompts rendered by data.py exactly as training rendered them).
 Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row (gpt-fast's loop).
+Batches are left-padded, so every row's next token comes from the last column.
 
     python chat.py samples/images/chest_xray.png --demo            interactive, streamed
     python chat.py IMAGE --model DIR --question "这是什么影像？"   one answer on stdout
@@ -75,7 +76,8 @@ def sample(logits, temperature, top_p, rng):
 @functools.cache
 def compiled(llm):
     """One decode step compiled as in gpt-fast: its shapes never change (one token per row, the static cache, a tensor
-    slot), so mode="reduce-overhead" replays its ~1,000 kernel launches (an eager step's limit) as one CUDA graph."""
+    slot), so mode="reduce-overhead" replays its ~1,000 kernel launches (an eager step's limit) as one CUDA graph.
+    Once per model and cache size; on the CPU the matmuls dominate, so there is little to gain."""
     return torch.compile(llm, mode="reduce-overhead", fullgraph=True)
 
 
@@ -114,12 +116,14 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
     """Every row's new tokens as a list of ids, up to (without) its EOS."""
-    tokens = torch.stack(list(generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling)), 1)
-    return [[t for t in row if t != eos_id] for row in tokens.tolist()]  # an ended row gets only eos_id
+    steps = list(generate(model, prompts, pixel_values, max_new_tokens, eos_id=eos_id, **sampling))  # (B,) each
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    return [[t for t in row if t != eos_id] for row in rows]  # an ended row gets only eos_id
 
 
 class TextStream:
-    """Ids in, new text out, never half a character: one made of byte pieces (<0xE8><0x83><0xB8>) waits for them all."""
+    """Ids in, new text out, never half a character: one made of byte pieces (<0xE8><0x83><0xB8>) waits for them all.
+    All ids so far are decoded each time, and a trailing U+FFFD (an incomplete character) is held back."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
@@ -199,7 +203,8 @@ def chat(model, tokenizer, pixels, args, rng):
 
 
 def pmc_vqa_to_records(csv_path):
-    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records listing the choices."""
+    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records listing the choices,
+    keeping choices and label for scoring; bad rows are skipped with a warning."""
     records, bad = [], []
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
@@ -286,7 +291,7 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
 
 def evaluate(model, tokenizer, args, rng):
     """Answer every gpt turn of every record, batch_size at a time as the records are read (one batch of images in
-    memory); write one JSON line per answer, then the metrics: a table on stdout, JSON in STEM.metrics.json."""
+    memory); write one JSON line per answer, then report the metrics."""
     records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
     skipped, results = Counter(), []
@@ -306,27 +311,33 @@ def evaluate(model, tokenizer, args, rng):
                 results.append(dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
                                     reference=q["reference"], prediction=prediction, kind=kind, **result))
                 out.write(json.dumps(results[-1], ensure_ascii=False) + "\n")
-    counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
     if not results:  # rather than a table of dashes: why (the most common skip), and what to change
+        counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
         hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
                 "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
                 "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
                 "answers_over_context": "the questions with the image's features are longer than the model's context",
-                }.get(max(skipped, key=skipped.get, default=None), "no record has a gpt turn to answer")
+                }.get(skipped.most_common(1)[0][0] if skipped else None, "no record has a gpt turn to answer")
         raise ValueError(f"{args.eval}: no answers from {len(records)} records (skipped: {counts}); {hint}")
-    m = {"records": len(records), "answers": len(results), "skipped": dict(skipped)}
+    report(results, len(records), skipped, args.out)
+
+
+def report(results, n_records, skipped, out):
+    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
+    m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
-                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
+    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),  # the name, which answers
+                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):  # field
         values = [r[field] for r in results if r["kind"] == kind]
         known = [v for v in values if v is not None]  # a reference without words has no recall
         value = sum(known) / len(known) if known else None
         m[name] = {"n": len(values), "value": value}
         print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
-    print(f"{len(results)} answers from {len(records)} records; skipped: {counts}")
-    path = str(Path(args.out).with_suffix("")) + ".metrics.json"
+    counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
+    print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
+    path = str(Path(out).with_suffix("")) + ".metrics.json"
     Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
-    print(f"wrote {args.out} and {path}")
+    print(f"wrote {out} and {path}")
 
 
 def main(argv=None):
@@ -361,7 +372,8 @@ def main(argv=None):
             (args.max_new_tokens is not None and args.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
             (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}"),
             (not 0 < args.top_p <= 1, f"--top-p must be above 0 and at most 1, not {args.top_p}"),
-            ((args.temperature or 0) < 0, f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
+            (not (args.temperature is None or args.temperature >= 0),
+             f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
         if bad:
             p.error(message)
     if args.temperature is None:
@@ -373,7 +385,10 @@ def main(argv=None):
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    rng.seed() if args.seed is None else rng.manual_seed(args.seed)  # a random seed unless --seed
+    if args.seed is None:
+        rng.seed()  # a random one
+    else:
+        rng.manual_seed(args.seed)
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
         pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)

@@ -19,6 +19,7 @@ train.py's run folders: its resumable checkpoints.
 """
 
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -109,6 +110,8 @@ def read_safetensors(path):
         if (dtype := SAFETENSORS_DTYPES.get(v["dtype"])) is None:
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
         begin, stop = v["data_offsets"]
+        if stop - begin != math.prod(v["shape"]) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {key} has {stop - begin} bytes for shape {v['shape']} of {v['dtype']}")
         raw = torch.tensor([], dtype=torch.uint8).set_(storage, data_start + begin, (stop - begin,))  # the bytes
         aligned = (data_start + begin) % dtype.itemsize == 0  # if not (rare, mixed dtypes), copy them out to view them
         tensors[key] = (raw if aligned else raw.clone()).view(dtype).reshape(v["shape"])
@@ -335,8 +338,11 @@ def load_projector(projector, path, dtype=None, device=None):
     assign_weights(projector, weights, key_map, dtype, device, what="projector")
 
 
-def read_stage1_config(folder):
-    """Stage 1's config.json, checked: stage 2 starts from its adapter, with its towers and prompts."""
+def read_stage1_config(folder, projector=None):
+    """Stage 1's config.json, checked: stage 2 starts from its adapter (of shape `projector`, if given), with its
+    towers and prompts."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such folder (run stage 1 first: its --output starts stage 2)")
     config = read_config(folder)
     if config.get("model_type") != "qilin_med_vl_projector":
         raise CheckpointError(f"{folder}: config.json is not a stage-1 output "
@@ -344,6 +350,8 @@ def read_stage1_config(folder):
     if missing := [key for key in ("projector", "style", "vision_path", "llm_path") if key not in config]:
         raise CheckpointError(f"{folder}/config.json lacks {', '.join(missing)} "
                               f"(it was not written by this train.py's stage 1)")
+    if projector not in (None, config["projector"]):
+        raise CheckpointError(f"--projector {projector} but {folder} holds a {config['projector']!r} adapter")
     return config
 
 
@@ -396,16 +404,17 @@ def save_checkpoint(engine, folder, state, run):
     """A resumable checkpoint under a new tag; `latest` moves to it only once every rank is done, and older
     ones are deleted. Frozen weights are left out (a resume rebuilds them from the towers), and no random
     state is saved: nothing in a step draws random numbers (data order and prompts are seeded by the epoch)."""
-    root, tag, first = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}", dist.get_rank() == 0
-    if first:
+    root, tag = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}"
+    rank0 = dist.get_rank() == 0
+    if rank0:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
-    if first:
+    if rank0:
         with open(os.path.join(root, tag, "run.json"), "w") as f:
             json.dump(run, f, indent=2)
     dist.barrier()  # every rank has written its part of this tag
-    if first:
+    if rank0:
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(tag)
             f.flush()
@@ -431,3 +440,33 @@ def resume(engine, folder):
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
     return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
+
+
+def save_trained(model, folder, stage, towers, tokenizer, zero3=False):
+    """The trained model into the run folder: stage 1 the adapter and the towers' folders (towers None: the demo's
+    random towers, written beside it), stage 2 the whole model. ZeRO-3 keeps a slice of each weight on each rank:
+    every rank takes part in gathering them, one at a time, into a whole CPU copy on rank 0, which writes."""
+    rank0 = dist.get_rank() == 0
+    if zero3:
+        import deepspeed
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank0:
+                    state[name] = p.detach().cpu().clone()
+        if rank0:
+            with torch.device("meta"):
+                model = type(model)(model.config)
+            model.load_state_dict(state, strict=True, assign=True)
+    if not rank0:
+        return
+    demo = towers is None
+    towers = [os.path.join(folder, "vision"), os.path.join(folder, "llm")] if demo else towers
+
+    def write(tmp):
+        if stage == 2:
+            return model.save_pretrained(tmp, tokenizer=tokenizer)
+        if demo:
+            model.save_towers(tmp, tokenizer)
+        model.save_projector(tmp, *towers, tokenizer)
+    write_output(folder, write)

@@ -26,7 +26,8 @@ IMAGE = "<image>"  # the placeholder in text
 IMAGE_TOKEN_INDEX = -200  # LLaVA's id for it in input_ids (no vocabulary row): one per image, then one per feature
 IGNORE_INDEX = -100  # the label of a position that is not learned (cross_entropy's default ignore_index)
 MAX_IMAGES = 4  # paper 3.3: samples with more images are excluded
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's normalisation
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
 # The largest image load_image reads, judged by its header: pathology tiles and large scans run to 10,000-30,000
 # pixels a side; more is likely a decompression bomb. Formats other than JPEG decode whole: 4 GiB at this limit.
@@ -95,17 +96,19 @@ def _release_turns(turns, has_image):
 def build_conversation(record, stage, style="paper", rng=None):
     """A record's turns as the given stage and style present them (rng picks paper prompts)."""
     has_image = bool(image_files(record))
-    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
     if style == "release":  # the text LLaVA's code trained the released weights on
         turns = _release_turns(record["conversations"], has_image)
-    else:  # paper: the prompts of appendix A.1 place the image, so the record's own tags go
-        turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
-    if stage == 1:  # feature alignment: the caption, after an alignment prompt or (LLaVA's preprocess_plain) the image
-        human = IMAGE if style == "release" else ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
+        if stage == 1:  # LLaVA's preprocess_plain: the image alone, then the caption as it stands
+            caption = next(t for t in turns if t["from"] == "gpt")
+            return [{"from": "human", "value": IMAGE if has_image else ""}, caption]
+        return turns
+    # paper: the prompts of appendix A.1 place the image, so the record's own tags go
+    turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
+    pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
+    if stage == 1:  # feature alignment: an alignment prompt, then the caption
+        human = ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
         caption = next(t for t in turns if t["from"] == "gpt")
         return [{"from": "human", "value": human if has_image else _strip_image(human)}, caption]
-    if style == "release":
-        return turns
     out = []
     for turn in turns:  # instruction tuning: every question wrapped; only the first carries the image
         if turn["from"] == "human":
@@ -262,7 +265,8 @@ class ChiMedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         index = self.kept[k]
-        record, (ids, labels, cut) = self.records[index], self._render(index)
+        record = self.records[index]
+        ids, labels, cut = self._render(index)
         if cut is None:  # another epoch's prompt may be longer than epoch 0's
             self.skipped["too_long"] += 1
             warnings.warn(f"skipping sample {index} (id {record.get('id')!r}) this epoch: no answer in max_length")
@@ -390,7 +394,8 @@ def concat_images(images):
     if len(images) == 1:
         return images[0]
     # the composite's aspect ratio (w/h), whatever the common side: sum(w_i/h_i) side by side, 1/sum(h_i/w_i) stacked
-    wide, tall = sum(im.width / im.height for im in images), 1.0 / sum(im.height / im.width for im in images)
+    wide = sum(im.width / im.height for im in images)
+    tall = 1.0 / sum(im.height / im.width for im in images)
     horizontal = max(wide, 1 / wide) <= max(tall, 1 / tall)
     if horizontal:  # equalise heights to the tallest image
         h = max(im.height for im in images)

@@ -87,8 +87,9 @@ class QilinMedVL(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_positions=None):
         """Token embeddings (B, L, dim), the image features written where the image tokens stand. input_ids (B, L)
         hold config.image_token_index once per image *feature* (data.expand_images, as transformers' Llava);
-        pixel_values (N, 3, S, S) are the images in row order; image_positions (N * P,) the flat indices into B*L
-        where the features go: collate finds them on the CPU so that nothing waits (here: one wait, for chat)."""
+        pixel_values (N, 3, S, S) are the images in row order; image_positions (N * P,), P = num_patches, the flat
+        indices into B*L where the features go. collate finds them on the CPU so that nothing waits for the device;
+        without them they are found here (one wait: fine for chat and tests)."""
         is_image = input_ids == self.config.image_token_index
         x = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, L, dim); image rows overwritten below
         if pixel_values is None:

@@ -1,13 +1,10 @@
 """Train Qilin-Med-VL in two stages with DeepSpeed (paper section 4.2, hyperparameters section 5.2).
 
-Stage 1, feature alignment (ZeRO-2): only the adapter learns, from image-caption pairs. Stage 2,
-instruction tuning (ZeRO-3): the adapter and the LLM learn to answer questions about images. The
-vision tower never trains. One node of 8 GPUs (the README has several nodes and the CPU demo):
+Stage 1, feature alignment (ZeRO-2): only the adapter learns, from image-caption pairs. Stage 2, instruction
+tuning (ZeRO-3): the adapter and the LLM learn to answer questions about images. The vision tower never trains.
 
-    torchrun --nproc_per_node 8 train.py --stage 1 --vision weights/clip-vit-large-patch14-336 \\
-        --llm weights/Chinese-LLaMA2-13B-Chat --data data/ChiMed-VL-Alignment.json --image-root data/images --output runs/stage1
-    torchrun --nproc_per_node 8 train.py --stage 2 --stage1-output runs/stage1 \\
-        --data data/ChiMed-VL-Instruction.json --image-root data/images --output runs/stage2
+    torchrun --nproc_per_node 8 train.py --stage 1 --vision CLIP_DIR --llm LLAMA_DIR --data ... --output runs/stage1
+    torchrun --nproc_per_node 8 train.py --stage 2 --stage1-output runs/stage1 --data ... --output runs/stage2
 
 Reading order: `main` at the bottom (setup, the loop, the save); `train_step` is one optimizer step.
 """
@@ -34,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_output_folder, check_resume, latest_checkpoint, prepare_output,
-                        read_config, read_stage1_config, resume, save_checkpoint, write_output)
+                        read_config, read_stage1_config, resume, save_checkpoint, save_trained)
 from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, Tokenizer, collate, length_grouped_batches
 import llama
 from llama import LlamaArgs
@@ -48,17 +45,12 @@ DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_len
         2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1,
                 output="runs/demo-stage2", stage1_output="runs/demo-stage1")}
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A800": 312, "L40S": 362}  # dense bf16, by datasheet
-# What a resumed run must share with the one it continues: the data order, the lr schedule and the layout of
-# DeepSpeed's checkpoint follow from them. Kept in every checkpoint as run.json.
+# What --resume must find unchanged in a checkpoint's run.json: data order, lr schedule, DeepSpeed's layout
 RUN_SETTINGS = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size",
                 "grad_accum", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
-MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_positions", "loss_positions")  # from collate
 EPILOG = """
-metrics.jsonl has one line per optimizer step: step, epoch, loss (mean over ranks and micro-steps), lr, tokens
-(all ranks, image features included), tokens_per_s, mfu (see --peak-tflops), skipped (samples excluded when the
-data was read, or dropped while training: an unreadable image, too long with that epoch's prompt), and with
---log-sample-ids the sample ids. DeepSpeed's own monitors are switched on with --deepspeed-config, e.g.
-  {"csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
+metrics.jsonl: one line per optimizer step (the README lists its fields). DeepSpeed's own monitors are switched on
+with --deepspeed-config, e.g. {"csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
 """
 
 
@@ -67,8 +59,8 @@ def arg_parser():
                      for stage, values in DEMO.items())  # made from DEMO, so that --help cannot drift from it
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"\n--demo defaults (data and images from samples/):\n{demo}\n{EPILOG}")
-    p.add_argument("--stage", type=int, choices=(1, 2), required=True,
-                   help="1: train the adapter (feature alignment); 2: the adapter and the LLM (instruction tuning)")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: the adapter learns (feature alignment); "
+                   "2: the adapter and the LLM (instruction tuning)")
     p.add_argument("--demo", action="store_true", help="tiny random towers, samples/ data, CPU-sized defaults (below)")
     g = p.add_argument_group("model and data")
     g.add_argument("--vision", help="CLIP ViT-L/14-336 folder (config.json + weights); stage 2: default from stage 1")
@@ -83,8 +75,8 @@ def arg_parser():
                    "2-layer MLP (default linear; stage 2: stage 1's)")
     g.add_argument("--image-fit", choices=("pad", "crop"), help="default: crop in stage 1, pad in stage 2, as released")
     g.add_argument("--max-length", type=int, help="longest sequence, image features included (default 2048)")
-    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="refuse images whose header says "
-                   f"more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel); larger ones are read smaller")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse images whose header says more pixels (default {MAX_IMAGE_PIXELS}, about a gigapixel)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="samples per GPU per micro-step (default 32 stage 1, 16 stage 2)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
@@ -97,14 +89,14 @@ def arg_parser():
     g.add_argument("--seed", type=int, default=42, help="data order, paper prompt choice, demo towers (default 42)")
     g = p.add_argument_group("system")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 2 in stage 1, 3 in stage 2)")
-    g.add_argument("--offload", choices=("none", "optimizer", "all"), default="none", help="move the Adam states "
-                   "(optimizer), and with ZeRO-3 also the weights (all), to CPU memory (default none)")
+    g.add_argument("--offload", choices=("none", "optimizer", "all"), default="none",
+                   help="keep the Adam states (optimizer), with ZeRO-3 also the weights (all), in CPU memory")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in the backward pass instead of storing its activations")
     g.add_argument("--compile", action="store_true", help="torch.compile the work between the LLM's matmuls (RMSNorm "
                    "in float32, RoPE, SwiGLU) into fused kernels; costs a minute of compiling at the start")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto (default): bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
+                   help="auto: bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE", help="JSON merged over deepspeed_config()'s (example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
     g.add_argument("--peak-tflops", type=float, help="one GPU's dense bf16 peak TFLOP/s for MFU (default: by name, "
@@ -190,15 +182,11 @@ def setup_process():
 # ----------------------------------------------------------------------------- model and data
 
 def build_model(args, dtype, device=None):
-    """(model, config, tokenizer path). --projector, --style, --image-fit, --vision and --llm are filled where
-    not given: in stage 2 from stage 1's config.json (its adapter fits only those towers, that shape and those
-    prompts), else the paper's. The towers come from their folders (the demo's are random), the adapter fresh or
-    from stage 1; weights are cast on `device`, so no host copy of 13B is converted."""
+    """(model, tokenizer path): the towers from their folders (the demo's random), the adapter fresh or stage 1's,
+    cast on `device` (no host copy of 13B is converted). --projector, --style, --image-fit, --vision and --llm
+    default to stage 1's in stage 2 (its adapter fits only those towers, shape and prompts), else the paper's."""
     if args.stage == 2:
-        s1 = read_stage1_config(args.stage1_output)
-        if args.projector not in (None, s1["projector"]):
-            raise CheckpointError(f"--projector {args.projector} but {args.stage1_output} holds a "
-                                  f"{s1['projector']!r} adapter")
+        s1 = read_stage1_config(args.stage1_output, args.projector)
         args.projector, args.style = s1["projector"], args.style or s1["style"]
         args.vision, args.llm = args.vision or s1["vision_path"], args.llm or s1["llm_path"]
     args.projector, args.style = args.projector or "linear", args.style or "paper"
@@ -215,25 +203,24 @@ def build_model(args, dtype, device=None):
     config = QilinConfig(projector=args.projector, image_fit=args.image_fit, style=args.style, vision=vision, llm=llm)
     torch.manual_seed(args.seed)  # random parts (the adapter; the demo's towers) are the same on every rank
     adapter = args.stage1_output if args.stage == 2 else None
-    return QilinMedVL.from_parts(config, args.vision, args.llm, adapter, dtype, device), config, tokenizer
+    return QilinMedVL.from_parts(config, args.vision, args.llm, adapter, dtype, device), tokenizer
 
 
 def load_everything(args, dtype, device):
-    """(model, config, tokenizer, tokenizer path, dataset, run settings): every input checked on every rank
-    before any process waits for another or anything is written."""
-    if not os.path.isfile(args.data):
-        fail(f"--data {args.data}: no such file")
-    if not os.path.isdir(args.image_root):
-        fail(f"--image-root {args.image_root}: no such folder")
+    """(model, tokenizer path, tokenizer, dataset, run settings): every input checked on every rank before any
+    process waits for another or anything is written."""
     try:
         check_output_folder(args.output, args.resume, args.overwrite)
-        model, config, tokenizer_path = build_model(args, dtype, device)
-        tokenizer = Tokenizer(tokenizer_path)
-        if tokenizer.vocab_size != config.llm.vocab_size:
-            raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is "
-                             f"{config.llm.vocab_size}")
+        if not os.path.isfile(args.data):
+            raise FileNotFoundError(f"--data {args.data}: no such file")
+        if not os.path.isdir(args.image_root):
+            raise FileNotFoundError(f"--image-root {args.image_root}: no such folder")
+        model, tokenizer_path = build_model(args, dtype, device)
+        tokenizer, vocab = Tokenizer(tokenizer_path), model.config.llm.vocab_size
+        if tokenizer.vocab_size != vocab:
+            raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the LLM's vocabulary is {vocab}")
         dataset = ChiMedDataset(data_path=args.data, image_root=args.image_root, tokenizer=tokenizer, stage=args.stage,
-                                style=args.style, image_size=config.vision.image_size, image_fit=args.image_fit,
+                                style=args.style, image_size=model.config.vision.image_size, image_fit=args.image_fit,
                                 max_length=args.max_length, num_image_tokens=model.num_image_tokens, seed=args.seed,
                                 max_image_pixels=args.max_image_pixels)
         if len(dataset) == 0:
@@ -244,9 +231,8 @@ def load_everything(args, dtype, device):
         if args.resume:
             check_resume(args.output, run)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        message = f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e)
-        fail(message + (" (run stage 1 first)" if args.stage == 2 and not os.path.isdir(args.stage1_output) else ""))
-    return model, config, tokenizer, tokenizer_path, dataset, run
+        fail(f"a config.json lacks the key {e}" if isinstance(e, KeyError) else str(e))
+    return model, tokenizer_path, tokenizer, dataset, run
 
 
 def epoch_batches(dataset, args, world, rank, epoch):
@@ -272,8 +258,7 @@ def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if args.offload == "all" and args.zero == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    # torch's AdamW (fused kernel on GPU) needs no compiled extension; with the optimizer in CPU memory
-    # DeepSpeed's own CPU Adam is much faster (it builds an extension once).
+    # torch's AdamW (fused on GPU) needs no compiled extension; offloaded, DeepSpeed's CPU Adam is much faster
     adam = dict(lr=args.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=args.weight_decay,
                 torch_adam=args.offload == "none", **({"fused": True} if on_gpu and args.offload == "none" else {}))
     config = dict(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -300,11 +285,12 @@ def start_deepspeed(model, args, world, device, total_steps):
     """The DeepSpeed engine (ZeRO sharding, bf16, AdamW) and the lr schedule around the model."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said once below, not warned by every process
-        if rank_zero() and not shm_extension_built():
+        from torch.utils.cpp_extension import _get_build_directory  # torch's cache of compiled extensions
+        built = os.listdir(_get_build_directory("deepspeed_shm_comm", verbose=False))  # DeepSpeed's CPU collectives
+        if rank_zero() and not any(name.endswith(".so") for name in built):
             print("DeepSpeed on the CPU: building its shared-memory communication extension, once (about a minute; "
                   "cached in TORCH_EXTENSIONS_DIR)", flush=True)
     import deepspeed  # here, so that `--help` and the input checks answer without its start-up cost
-
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its config dump and per-step notes would drown the bar
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
     with contextlib.redirect_stdout(io.StringIO()) if not rank_zero() else contextlib.nullcontext():
@@ -320,19 +306,6 @@ def start_deepspeed(model, args, world, device, total_steps):
     return engine, scheduler
 
 
-def shm_extension_built():
-    """Whether DeepSpeed's CPU communication extension is already compiled (torch's extension cache)."""
-    from torch.utils.cpp_extension import _get_build_directory
-    folder = _get_build_directory("deepspeed_shm_comm", verbose=False)
-    return any(name.endswith(".so") for name in os.listdir(folder))
-
-
-# ----------------------------------------------------------------------------- one step
-
-class NonFiniteLoss(Exception):
-    """The loss of a step is NaN or infinite: the update is not applied."""
-
-
 def train_step(engine, micro_batches, stage, llm_args):
     """One optimizer step: forward and backward of each micro-batch, then clipping and AdamW. The one wait
     for the device is the sum over ranks before the update, to stop before a non-finite loss is applied.
@@ -340,8 +313,8 @@ def train_step(engine, micro_batches, stage, llm_args):
     loss_sum = torch.zeros((), device=engine.device)
     counts = torch.zeros(4, dtype=torch.float64)  # micro-steps, tokens, FLOPs, dropped: known on the host
     for k, batch in enumerate(micro_batches):
-        inputs = {name: batch[name].to(engine.device, non_blocking=True) for name in MODEL_INPUTS}
-        _, loss = engine(**inputs)  # mean cross-entropy of the learned tokens
+        inputs = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        _, loss = engine(**inputs)  # collate's tensors are the model's inputs; the loss: the learned tokens' mean
         engine.backward(loss)
         if k < len(micro_batches) - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the last one of an accumulation updates
@@ -352,8 +325,8 @@ def train_step(engine, micro_batches, stage, llm_args):
     totals = torch.cat([loss_sum.double()[None], counts.to(engine.device)])
     dist.all_reduce(totals)  # NCCL reduces GPU tensors only
     totals = totals.tolist()
-    if totals[1] and not math.isfinite(totals[0]):
-        raise NonFiniteLoss(totals[0] / totals[1])
+    if totals[1] and not math.isfinite(totals[0]):  # NaN or infinite: the update is not applied
+        raise FloatingPointError(totals[0] / totals[1])
     engine.step()  # clip, AdamW, next lr
     return totals
 
@@ -365,8 +338,8 @@ class Metrics:
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""
         self.peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 312 if gpu else None)
         self.world, self.skipped, self.log_ids, self.t = world, skipped, args.log_sample_ids, time.perf_counter()
-        self.file = open(os.path.join(args.output, "metrics.jsonl"), "a") if rank_zero() else None
-        self.bar = tqdm(total=total_steps, initial=step, disable=not rank_zero(), dynamic_ncols=True, desc=f"stage {args.stage}")
+        self.path = os.path.join(args.output, "metrics.jsonl")
+        self.bar = tqdm(total=total_steps, initial=step, desc=f"stage {args.stage}", disable=not rank_zero())
 
     def log(self, totals, step, epoch, lr, dropped, ids):
         (loss_sum, learned, tokens, flops, _), dt = totals, time.perf_counter() - self.t
@@ -380,7 +353,8 @@ class Metrics:
             dist.all_gather_object(record["ids"], ids)  # every rank's list
             record["ids"] = sum(record["ids"], [])
         if rank_zero():
-            print(json.dumps(record, ensure_ascii=False), file=self.file, flush=True)
+            with open(self.path, "a") as f:
+                print(json.dumps(record, ensure_ascii=False), file=f)
             self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                                  mfu="-" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
             self.bar.update()
@@ -390,8 +364,6 @@ class Metrics:
 
     def close(self):
         self.bar.close()
-        if self.file:
-            self.file.close()
 
 
 # ----------------------------------------------------------------------------- main
@@ -401,7 +373,7 @@ def main(argv=None):
     rank, world, device = setup_process()
     args.precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model, config, tokenizer, tokenizer_path, dataset, run = load_everything(args, dtype, device)
+    model, tokenizer_path, tokenizer, dataset, run = load_everything(args, dtype, device)
     steps_per_epoch = len(epoch_batches(dataset, args, world, rank, 0)) // args.grad_accum
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} samples make no full step of {args.batch_size * args.grad_accum * world} samples")
@@ -412,12 +384,11 @@ def main(argv=None):
     if args.resume:
         tag, state = resume(engine, args.output)
         log(f"resumed from {args.output}/checkpoints/{tag}: step {state['step']}, epoch {state['epoch']}")
-    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: whole sizes
-    log(f"model: {sum(n for n, _ in numel) / 1e6:.1f}M parameters, "
-        f"{sum(n for n, trained in numel if trained) / 1e6:.2f}M trained (stage {args.stage}); "
-        f"{args.precision}, ZeRO-{args.zero}, {world} processes\n{dataset.report()}")
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: whole
+    log(f"model: {sum(n for n, _ in sizes) / 1e6:.1f}M parameters, {sum(n for n, t in sizes if t) / 1e6:.2f}M trained "
+        f"(stage {args.stage}); {args.precision}, ZeRO-{args.zero}, {world} processes\n{dataset.report()}")
     metrics = Metrics(args, world, device, total_steps, state["step"], sum(dataset.skipped.values()))
-    collate_batch = partial(collate, pad_id=tokenizer.pad_id, image_size=config.vision.image_size)
+    collate_batch = partial(collate, pad_id=tokenizer.pad_id, image_size=model.config.vision.image_size)
     engine.train()
     try:
         while state["step"] < total_steps:  # the loop: one optimizer step per pass
@@ -427,7 +398,7 @@ def main(argv=None):
             for _ in range(state["micro_done"] // args.grad_accum, len(batches) // args.grad_accum):
                 micro_batches = [next(loader) for _ in range(args.grad_accum)]
                 lr = scheduler.get_last_lr()[0]
-                totals = train_step(engine, micro_batches, args.stage, config.llm)
+                totals = train_step(engine, micro_batches, args.stage, model.config.llm)
                 state["step"], state["micro_done"] = state["step"] + 1, state["micro_done"] + args.grad_accum
                 state["dropped"] += int(totals[4])
                 metrics.log(totals, state["step"], state["epoch"] + state["micro_done"] / len(batches), lr,
@@ -439,7 +410,7 @@ def main(argv=None):
                     metrics.pause()
                 if state["step"] >= total_steps:
                     break
-    except NonFiniteLoss as e:
+    except FloatingPointError as e:
         kept = latest_checkpoint(args.output)
         fail(f"step {state['step'] + 1}: the loss is {e}; stopping before the update. "
              + (f"The last good checkpoint is {args.output}/checkpoints/{kept}: lower --lr and --resume."
@@ -447,7 +418,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every worker)
         stopped(args, state)
     metrics.close()
-    save_final_model(model, config, args, tokenizer_path)
+    towers = None if args.stage == 1 and args.vision is None else (args.vision, args.llm)  # None: the demo's
+    save_trained(model, args.output, args.stage, towers, tokenizer_path, zero3=args.zero == 3)
     log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after "
         f"{state['step']} steps; {state['dropped']} samples dropped while training (an unreadable image, "
         f"or too long with that epoch's prompt)")
@@ -455,46 +427,16 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
-def save_final_model(model, config, args, tokenizer_path):
-    """The trained model into --output: stage 1 the adapter (beside the demo's random towers), stage 2 the whole
-    model. ZeRO-3 keeps a slice of each weight on each rank: every rank takes part in gathering them, one at a
-    time, into a whole CPU copy on rank 0."""
-    if args.zero == 3:
-        import deepspeed
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank_zero():
-                    state[name] = p.detach().cpu().clone()
-        if rank_zero():
-            with torch.device("meta"):
-                model = QilinMedVL(config)
-            model.load_state_dict(state, strict=True, assign=True)
-    if not rank_zero():
-        return
-    demo = args.stage == 1 and args.vision is None  # the demo's random towers go beside the adapter
-    towers = [os.path.join(args.output, "vision"), os.path.join(args.output, "llm")] if demo else [args.vision, args.llm]
-
-    def write(tmp):
-        if args.stage == 2:
-            return model.save_pretrained(tmp, tokenizer=tokenizer_path)
-        if demo:
-            model.save_towers(tmp, tokenizer_path)
-        model.save_projector(tmp, *towers, tokenizer_path)
-    write_output(args.output, write)
-
-
 def stopped(args, state):
     """Ctrl-C: one line from rank 0 saying where training stopped and how to go on; exit 130."""
     if rank_zero():
-        kept = latest_checkpoint(args.output)
+        kept, local = latest_checkpoint(args.output), os.environ.get("LOCAL_WORLD_SIZE")
         again = shlex.join(a for a in sys.argv[1:] if a not in ("--overwrite", "--resume"))
-        nodes, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        launcher = ("python" if "LOCAL_WORLD_SIZE" not in os.environ else f"torchrun --nproc_per_node {local}"
-                    if nodes == local else "torchrun (with the same options, on every node)")
-        print(f"\ntrain.py: stopped at step {state['step']} (epoch {state['epoch']}); "
-              + (f"the last checkpoint is {args.output}/checkpoints/{kept}; continue with: {launcher} train.py "
-                 f"{again} --resume" if kept else "no checkpoint was saved yet (see --save-every)"), file=sys.stderr, flush=True)
+        launcher = ("python" if local is None else "torchrun (with the same options, on every node)"
+                    if local != os.environ["WORLD_SIZE"] else f"torchrun --nproc_per_node {local}")
+        print(f"\ntrain.py: stopped at step {state['step']} (epoch {state['epoch']}); " + (
+            f"the last checkpoint is {args.output}/checkpoints/{kept}; continue with: {launcher} train.py {again} "
+            "--resume" if kept else "no checkpoint was saved yet (see --save-every)"), file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)  # at once: the other ranks are stopping too, so no collective (and no teardown) can finish
 

@@ -54,7 +54,7 @@ sys.path.insert(0, {root!r})
 import train
 args = train.parse_args(["--stage", "1", "--vision", {vision!r}, "--llm", {llm!r}, "--data", "-", "--image-root", "-",
                          "--output", "-"])
-model, _, _ = train.build_model(args, {dtype})
+model, _ = train.build_model(args, {dtype})
 total = sum(float(p.detach().float().sum()) for p in model.parameters())  # touch every weight, as training will
 time.sleep(2)  # both ranks hold their model now
 m = psutil.Process().memory_full_info()

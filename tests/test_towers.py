@@ -271,6 +271,19 @@ def test_truncated_safetensors(llama_folder):
         Llama.from_pretrained(llama_folder)
 
 
+def test_safetensors_header_whose_shape_disagrees_with_its_bytes(llama_folder):
+    path = llama_folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k.endswith("norm.weight"))
+    header[key]["shape"] = [header[key]["shape"][0] + 1]  # one element more than its bytes hold
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(data[:8] + text.ljust(n) + data[8 + n:])  # the same header length, padded with spaces
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor {key} has"):
+        Llama.from_pretrained(llama_folder)
+
+
 def test_missing_shard_and_no_weights(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "m", max_shard_size="40KB")
