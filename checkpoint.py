@@ -440,33 +440,3 @@ def resume(engine, folder):
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
     return tag, {k: state[k] for k in ("step", "epoch", "micro_done", "dropped")}
-
-
-def save_trained(model, folder, stage, towers, tokenizer, zero3=False):
-    """The trained model into the run folder: stage 1 the adapter and the towers' folders (towers None: the demo's
-    random towers, written beside it), stage 2 the whole model. ZeRO-3 keeps a slice of each weight on each rank:
-    every rank takes part in gathering them, one at a time, into a whole CPU copy on rank 0, which writes."""
-    rank0 = dist.get_rank() == 0
-    if zero3:
-        import deepspeed
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank0:
-                    state[name] = p.detach().cpu().clone()
-        if rank0:
-            with torch.device("meta"):
-                model = type(model)(model.config)
-            model.load_state_dict(state, strict=True, assign=True)
-    if not rank0:
-        return
-    demo = towers is None
-    towers = [os.path.join(folder, "vision"), os.path.join(folder, "llm")] if demo else towers
-
-    def write(tmp):
-        if stage == 2:
-            return model.save_pretrained(tmp, tokenizer=tokenizer)
-        if demo:
-            model.save_towers(tmp, tokenizer)
-        model.save_projector(tmp, *towers, tokenizer)
-    write_output(folder, write)

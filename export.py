@@ -17,9 +17,9 @@ import sys
 
 import torch
 
+from chat import load_model
 from checkpoint import CheckpointError, save_weights, write_config, write_output
 from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
-from model import QilinMedVL
 
 TO_LLAVA_HF_KEYS = (  # our name -> llava-hf's (transformers 4's names, which every version reads)
     ("vision.", "vision_tower."),
@@ -123,22 +123,21 @@ def chat_template(style, tokenizer):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a trained model in transformers' llava-hf layout, for "
                                             "transformers and vLLM.")
-    p.add_argument("model", help="model folder: ours (train.py's stage 2) or LLaVA's original layout (with --vision)")
+    p.add_argument("model", help="model folder chat.py loads (ours, or LLaVA's original layout with --vision), "
+                                 "with its tokenizer.model")
     p.add_argument("output", help="the llava-hf folder to write (new or empty)")
     p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
     args = p.parse_args(argv)
     if os.path.isdir(args.output) and os.listdir(args.output):
         p.error(f"{args.output} is not empty; choose a new folder")
-    tokenizer = os.path.join(args.model, "tokenizer.model")
     try:
-        model = QilinMedVL.from_pretrained(args.model, vision_path=args.vision)
-        write_output(args.output, lambda tmp: export_llava_hf(model, tmp, tokenizer if os.path.isfile(tokenizer) else None))
+        model, _ = load_model(args.model, args.vision)  # chat.py's checks: a stage-2 model, a tokenizer that fits
+        write_output(args.output, lambda tmp: export_llava_hf(model, tmp, os.path.join(args.model, "tokenizer.model")))
     except (CheckpointError, ValueError, OSError) as e:
         print("export.py: error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()),
               file=sys.stderr)
         return 1
-    print(f"wrote {args.output}" + ("" if os.path.isfile(tokenizer) else f" without processor files: {args.model} "
-                                    "has no tokenizer.model (copy the LLM's into it and export again)"))
+    print(f"wrote {args.output}")
     return 0
 
 

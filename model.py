@@ -16,12 +16,13 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weights, detect_layout, llava_config,
                         llava_hf_config, llava_vision_path, load_projector, read_config, read_weights, save_weights,
-                        table_key_map, write_config, write_projector)
+                        table_key_map, write_config, write_output, write_projector)
 from data import IMAGE_TOKEN_INDEX
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
@@ -194,6 +195,36 @@ class QilinMedVL(nn.Module):
                       for k, v in self.llm.state_dict().items()}, llm)
         write_config(vision, self.config.vision.to_hf_config())
         write_config(llm, self.config.llm.to_hf_config(), tokenizer)
+
+    def save_trained(self, folder, stage, towers=None, tokenizer=None, zero3=False):
+        """What a training stage hands on, written whole or not at all (write_output): stage 1 the adapter and the
+        towers' folders (None: the demo's random towers, written beside it), stage 2 the whole model. Every rank
+        calls this: under ZeRO-3 each holds a slice of each weight, and all take part in gathering them, one at a
+        time, into a whole CPU copy for rank 0, which writes."""
+        model, rank0 = self, not dist.is_initialized() or dist.get_rank() == 0
+        if zero3:
+            import deepspeed
+            state = {}
+            for name, p in self.named_parameters():
+                with deepspeed.zero.GatheredParameters([p]):
+                    if rank0:
+                        state[name] = p.detach().cpu().clone()
+            if rank0:
+                with torch.device("meta"):
+                    model = QilinMedVL(self.config)
+                model.load_state_dict(state, strict=True, assign=True)
+        if not rank0:
+            return
+        demo = towers is None
+        towers = [os.path.join(folder, "vision"), os.path.join(folder, "llm")] if demo else towers
+
+        def write(tmp):
+            if stage == 2:
+                return model.save_pretrained(tmp, tokenizer=tokenizer)
+            if demo:
+                model.save_towers(tmp, tokenizer)
+            model.save_projector(tmp, *towers, tokenizer)
+        write_output(folder, write)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_output_folder, check_resume, latest_checkpoint, prepare_output,
-                        read_config, read_stage1_config, resume, save_checkpoint, save_trained)
+                        read_config, read_stage1_config, resume, save_checkpoint)
 from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, Tokenizer, collate, length_grouped_batches
 import llama
 from llama import LlamaArgs
@@ -419,7 +419,7 @@ def main(argv=None):
         stopped(args, state)
     metrics.close()
     towers = None if args.stage == 1 and args.vision is None else (args.vision, args.llm)  # None: the demo's
-    save_trained(model, args.output, args.stage, towers, tokenizer_path, zero3=args.zero == 3)
+    model.save_trained(args.output, args.stage, towers, tokenizer_path, zero3=args.zero == 3)
     log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after "
         f"{state['step']} steps; {state['dropped']} samples dropped while training (an unreadable image, "
         f"or too long with that epoch's prompt)")

@@ -242,7 +242,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert [r["step"] for r in metrics(out)] == [1, 2]
 
 
-def test_help_and_deepspeed_config(capsys):
+def test_help_and_deepspeed_config(capsys, tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "--stage1-output" in proc.stdout and "csv_monitor" in proc.stdout
     args = train.parse_args(["--stage", "2", "--stage1-output", "s1", "--data", "d", "--image-root", "i", "--output", "o"])
@@ -251,6 +251,15 @@ def test_help_and_deepspeed_config(capsys):
     assert config["train_batch_size"] == 128 and config["zero_optimization"]["stage"] == 3
     assert config["optimizer"]["params"]["weight_decay"] == 0.0
     assert [round(train.warmup_cosine(s, 3, 100), 6) for s in (0, 3, 100)] == [0.0, 1.0, 0.0]
+    override = tmp_path / "ds.json"  # a section is merged key by key; anything else is replaced
+    override.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 10**8},
+                                    "gradient_clipping": 0.5, "csv_monitor": {"enabled": True}}))
+    args.deepspeed_config = str(override)
+    merged = train.deepspeed_config(args, world_size=8, on_gpu=True)
+    assert merged["zero_optimization"] == dict(config["zero_optimization"], stage3_max_live_parameters=10**8)
+    assert merged["gradient_clipping"] == 0.5 and merged["csv_monitor"] == {"enabled": True}
+    assert {k: v for k, v in merged.items() if k not in ("zero_optimization", "gradient_clipping", "csv_monitor")} \
+        == {k: v for k, v in config.items() if k not in ("zero_optimization", "gradient_clipping")}
     args = train.parse_args(["--stage", "1", "--vision", "v", "--llm", "l", "--data", "d", "--image-root", "i",
                              "--output", "o", "--local_rank", "3"])  # DeepSpeed's launcher adds --local_rank
     assert (args.batch_size, args.lr, args.zero) == (32, 1e-3, 2)
