@@ -74,30 +74,24 @@ def wrap_question(question, prompt_index=0, with_image=True):
     return prompt.replace("<question>", _strip_image(question)).strip()  # strip: for an empty question
 
 
-def _release_turns(turns, has_image):
-    """The turns as LLaVA's preprocess_multimodal left them for the released model: a tagged turn loses its tags and
-    the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay
-    verbatim. One composite (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before
-    the first question (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would
-    read it as text)."""
-    tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
-    keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
-    out = []
-    for k, turn in enumerate(turns):
-        value = turn["value"]
-        if k == keep:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
-            value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
-        elif IMAGE in value:
-            value = value.replace(IMAGE, "").strip()
-        out.append({"from": turn["from"], "value": value})
-    return out
-
-
 def build_conversation(record, stage, style="paper", rng=None):
     """A record's turns as the given stage and style present them (rng picks paper prompts)."""
     has_image = bool(image_files(record))
     if style == "release":  # the text LLaVA's code trained the released weights on
-        turns = _release_turns(record["conversations"], has_image)
+        # As LLaVA's preprocess_multimodal left them: a tagged turn loses its tags and the whitespace around the rest,
+        # then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay verbatim. One composite
+        # (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before the first question
+        # (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would read it as text).
+        tagged = (k for k, t in enumerate(record["conversations"]) if t["from"] == "human" and IMAGE in t["value"])
+        keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
+        turns = []
+        for k, turn in enumerate(record["conversations"]):
+            value = turn["value"]
+            if k == keep:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
+                value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
+            elif IMAGE in value:
+                value = value.replace(IMAGE, "").strip()
+            turns.append({"from": turn["from"], "value": value})
         if stage == 1:  # LLaVA's preprocess_plain: the image alone, then the caption as it stands
             caption = next(t for t in turns if t["from"] == "gpt")
             return [{"from": "human", "value": IMAGE if has_image else ""}, caption]
@@ -353,22 +347,19 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS, min_side=None):
             image.load()  # decodes now, so a truncated file fails here and not later
             ImageOps.exif_transpose(image, in_place=True)  # phone and scanner photos store rotation in EXIF
             factor = min(image.size) // min_side if min_side else 1  # what is left: other formats, or beyond 1/8
-            return _to_rgb(_reduce(image, factor) if factor >= 2 else image)
+            if factor >= 2:  # block means (Image.reduce): no 16-bit reduce, so 32-bit; palette/alpha/1-bit to RGB
+                if image.mode.startswith("I;16"):
+                    image = image.convert("I")
+                elif image.mode not in ("L", "RGB", "I", "F") or "transparency" in image.info:
+                    image = _to_rgb(image)
+                image = image.reduce(factor)
+            return _to_rgb(image)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not an image file (Pillow cannot identify it)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow's decoders raise on broken data
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
-
-
-def _reduce(image, factor):
-    """Block means (Image.reduce), after 16-bit -> 32-bit (no 16-bit reduce) and palette/alpha/1-bit -> RGB."""
-    if image.mode.startswith("I;16"):
-        image = image.convert("I")
-    elif image.mode not in ("L", "RGB", "I", "F") or "transparency" in image.info:
-        image = _to_rgb(image)
-    return image.reduce(factor)
 
 
 def _to_rgb(image):
