@@ -202,8 +202,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
             else:
                 self.skipped[reason] += 1
 
-    def set_epoch(self, epoch):
-        """Fresh paper prompts, so that over epochs an answer is not tied to one prompt's wording."""
+    def set_epoch(self, epoch):  # fresh paper prompts, so that over epochs an answer is not tied to one wording
         self.epoch = epoch
 
     def _render(self, index):
