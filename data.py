@@ -74,24 +74,30 @@ def wrap_question(question, prompt_index=0, with_image=True):
     return prompt.replace("<question>", _strip_image(question)).strip()  # strip: for an empty question
 
 
+def _release_turns(turns, has_image):
+    """The turns as LLaVA's preprocess_multimodal left them for the released model: a tagged turn loses its tags and
+    the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay
+    verbatim. One composite (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before
+    the first question (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would
+    read it as text)."""
+    tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
+    keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
+    out = []
+    for k, turn in enumerate(turns):
+        value = turn["value"]
+        if k == keep:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
+            value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
+        elif IMAGE in value:
+            value = value.replace(IMAGE, "").strip()
+        out.append({"from": turn["from"], "value": value})
+    return out
+
+
 def build_conversation(record, stage, style="paper", rng=None):
     """A record's turns as the given stage and style present them (rng picks paper prompts)."""
     has_image = bool(image_files(record))
     if style == "release":  # the text LLaVA's code trained the released weights on
-        # As LLaVA's preprocess_multimodal left them: a tagged turn loses its tags and the whitespace around the rest,
-        # then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay verbatim. One composite
-        # (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before the first question
-        # (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would read it as text).
-        tagged = (k for k, t in enumerate(record["conversations"]) if t["from"] == "human" and IMAGE in t["value"])
-        keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
-        turns = []
-        for k, turn in enumerate(record["conversations"]):
-            value = turn["value"]
-            if k == keep:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
-                value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
-            elif IMAGE in value:
-                value = value.replace(IMAGE, "").strip()
-            turns.append({"from": turn["from"], "value": value})
+        turns = _release_turns(record["conversations"], has_image)
         if stage == 1:  # LLaVA's preprocess_plain: the image alone, then the caption as it stands
             caption = next(t for t in turns if t["from"] == "gpt")
             return [{"from": "human", "value": IMAGE if has_image else ""}, caption]
