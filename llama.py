@@ -42,23 +42,21 @@ class LlamaArgs:
         return self.dim // self.n_heads
 
     def flops_per_token(self, seq_len, backward=True, lm_head=True):
-        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per matmul weight N (multiply and add) forward,
-        twice that again backward, so 6N; plus attention's scores and weighted sum, 2 * 2 * d * T per layer forward
-        (over the full T x T square, though causal needs half), so 12 * L * d * T with the backward. Embedding lookup
-        and norms are free. Stage 1 (frozen LLM; gradients still flow through it to the adapter) does no weight
-        gradients: about 2x forward, 4N, rather than 6N. lm_head=False leaves out the output layer, for tokens whose
-        logits are never computed. From the shapes alone, so it also holds while ZeRO-3 has the weights scattered."""
+        """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per weight N forward (multiply and add), twice
+        that again backward, so 6N; plus attention's scores and weighted sum, 2 * 2 * d * T per layer forward (over
+        the full T x T square, though causal needs half). Embedding lookup and norms are free. lm_head=False leaves
+        out the output layer. From the shapes alone, so it also holds while ZeRO-3 has the weights scattered."""
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         n = self.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size) + d * self.vocab_size * lm_head
         forward = 2 * n + 4 * self.n_layers * d * seq_len
         return 3 * forward if backward else forward
 
     def step_flops(self, lengths, n_logits, weight_grads=True):
-        """A training step's FLOPs for sequences of these lengths, the output layer only at the n_logits positions
-        where logits are computed: 3x the forward, or 2x without weight gradients (stage 1)."""
+        """A training step's FLOPs for sequences of these lengths, the output layer (2 * d * vocab) only at the
+        n_logits positions that get logits: 3x the forward, or 2x without weight gradients (stage 1: the frozen LLM
+        still passes gradients through to the adapter, so about 4N per token rather than 6N)."""
         body = sum(T * self.flops_per_token(T, backward=False, lm_head=False) for T in lengths)
-        head = self.flops_per_token(0, backward=False) - self.flops_per_token(0, backward=False, lm_head=False)
-        return (3 if weight_grads else 2) * (body + n_logits * head)
+        return (3 if weight_grads else 2) * (body + n_logits * 2 * self.dim * self.vocab_size)
 
     @classmethod
     def preset(cls, name):
@@ -113,9 +111,8 @@ def rms_norm(x, weight, eps):
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """RoPE angles for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim), computed in float32
-    each forward: cheap, and exact at any position. Frequency i (of head_dim/2) turns at theta^(-2i/head_dim);
-    Hugging Face's weights pair dimension i with i + head_dim/2 ("rotate_half"), so the table repeats them twice."""
+    """RoPE angles for integer positions (B, T) -> cos, sin (B, 1, T, head_dim), in float32 each forward: cheap, and
+    exact at any position. HF's weights pair dimension i with i + head_dim/2 ("rotate_half"), so angles come twice."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
@@ -128,8 +125,6 @@ def apply_rope(x, cos, sin):  # x: (B, H, T, head_dim)
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position decoded so far, preallocated for max_seq_len slots."""
-
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -148,7 +143,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.head_dim = args.head_dim
+        self.gqa = args.n_kv_heads != args.n_heads  # fewer key/value heads than query heads: grouped-query attention
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -157,22 +153,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # q (B, H, T, hd); k, v (B, Hkv, T, hd)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
         if input_pos is None:  # full sequence, right-padded: causal alone is exact
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         else:  # decoding: attend over the whole cache; `mask` hides the slots not (yet) visible
             k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
     def __init__(self, args):
         super().__init__()
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
@@ -215,14 +207,12 @@ class Llama(nn.Module):
 
     def forward(self, input_ids=None, *, inputs_embeds=None, input_pos=None, positions=None, pad_mask=None,
                 logits_at=None):
-        """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab).
-
-        Without `input_pos`: a full causal forward with no cache (training, scoring). With `input_pos` (T,) long,
-        after `setup_cache`: these T tokens go into those cache slots and attend to every filled slot up to their own.
+        """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab); a causal forward with no cache, unless:
+          input_pos (T,) long, after `setup_cache`: the cache slots of these T tokens; each sees those up to its own.
           positions (B, T): RoPE positions, default input_pos; left-padded rows pass their own count of real tokens.
           pad_mask (B, S): bool over the S cache slots, False where a slot holds padding.
-        logits_at (M,): flat indices into the B*T positions -> only their logits (M, vocab). The loss needs the answer
-        tokens' alone, a prefill the last position's; the full matrix can cost more than a small model's layers."""
+          logits_at (M,): flat indices into the B*T positions -> only their logits (M, vocab): the answer tokens' for
+            the loss, the last position's for a prefill; the full matrix can cost more than a small model's layers."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = x.shape
         if positions is None:
@@ -244,9 +234,8 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):
-        """A static KV cache for decoding (forward with input_pos). An existing cache of the same batch size, dtype
-        and device that is long enough is kept: a compiled decode step then replays the graph it captured for it
-        instead of compiling again. New caches are rounded up to a multiple of 256 slots for the same reason."""
+        """A static KV cache for decoding (forward with input_pos). A matching cache that is long enough is kept and
+        new ones get a multiple of 256 slots, so a compiled decode step replays its captured graph, not recompiling."""
         dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
         need = max_seq_len or self.args.max_seq_len
         old = self.layers[0].self_attn.cache
@@ -278,12 +267,11 @@ POINTWISE = dict(rms_norm=rms_norm, apply_rope=apply_rope, swiglu=swiglu)  # the
 
 def fuse_pointwise(enable=True):
     """Compile the pointwise work between the matmuls, so each runs as one fused kernel instead of several passes over
-    memory: RMSNorm's float32 round trip (two casts, a reduction, two multiplies), RoPE (multiplies, a concatenation,
-    a negation) and SwiGLU (silu, multiply). Eager, they take about a quarter of a 13B training step's GPU time. Only
-    these parameter-free functions are compiled, not whole blocks, so DeepSpeed's ZeRO-3 hooks on each weight stay
-    outside the compiled code. train.py --compile calls this; eager stays the default (enable=False restores it)."""
+    memory: RMSNorm's float32 round trip (casts, a reduction, multiplies), RoPE and SwiGLU; eager, they take about a
+    quarter of a 13B training step's GPU time. Only these parameter-free functions are compiled, not whole blocks, so
+    DeepSpeed's ZeRO-3 hooks on each weight stay outside the compiled code. train.py --compile calls this."""
     compiled = {name: torch.compile(f, dynamic=True) if enable else f for name, f in POINTWISE.items()}
-    globals().update(compiled)  # the modules above call these names
+    globals().update(compiled)  # the modules above call these names; enable=False rebinds the eager ones
 
 
 def llama_key(key):

@@ -36,12 +36,11 @@ class VisionArgs:
 
     @classmethod
     def preset(cls, name):
-        presets = {
+        return {
             "vit-l-14-336": cls(),
             # A few-kilobyte tower for CPU demos and tests: 112/14 = 8, so 64 patches.
             "demo": cls(image_size=112, patch_size=14, dim=64, n_layers=3, n_heads=4, intermediate_size=128),
-        }
-        return presets[name]
+        }[name]
 
     @classmethod
     def from_hf_config(cls, config):
@@ -86,8 +85,6 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention: every patch sees every patch."""
-
     def __init__(self, args):
         super().__init__()
         self.n_heads = args.n_heads
@@ -100,7 +97,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, H, T, C/H)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # no mask: images have no causal order
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional, as images have no causal order
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -116,8 +113,6 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """A pre-LayerNorm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
     def __init__(self, args):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(args.dim, eps=args.norm_eps)
@@ -155,11 +150,9 @@ class VisionTransformer(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load a CLIP folder: a full CLIPModel (keys `vision_model.*`, text tower ignored)
         or a CLIPVisionModel (transformers 5 writes its keys without the `vision_model.` prefix)."""
-        args = VisionArgs.from_hf_config(read_config(path))
-        weights = read_weights(path)
         with torch.device("meta"):
-            model = cls(args)
-        assign_weights(model, weights, clip_key, dtype=dtype, device=device, what="CLIP vision tower")
+            model = cls(VisionArgs.from_hf_config(read_config(path)))
+        assign_weights(model, read_weights(path), clip_key, dtype=dtype, device=device, what="CLIP vision tower")
         return model.eval().requires_grad_(False)
 
 
