@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weights, detect_layout, llava_config,
                         llava_hf_config, llava_vision_path, load_projector, read_config, read_weights, save_weights,
-                        table_key_map, write_config, write_output, write_projector)
+                        table_key_map, write_config, write_output)
 from data import IMAGE_TOKEN_INDEX
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
@@ -181,11 +181,12 @@ class QilinMedVL(nn.Module):
         write_config(folder, self.config.to_dict(), tokenizer)
 
     def save_projector(self, folder, vision_path=None, llm_path=None, tokenizer=None):
-        """Stage 1's output: the adapter, and a config naming the towers it was trained against."""
+        """Stage 1's output: projector.safetensors, and a config.json naming the towers it was trained against
+        (paper section 4.2.1: stage 1 trains only the adapter, so nothing else needs writing)."""
         towers = dict(vision_path=vision_path and os.path.abspath(vision_path),
                       llm_path=llm_path and os.path.abspath(llm_path))
-        write_projector(folder, self.projector.state_dict(),
-                        dict(self.config.to_dict(), model_type="qilin_med_vl_projector", **towers), tokenizer)
+        save_weights(self.projector.state_dict(), folder, stem="projector")
+        write_config(folder, dict(self.config.to_dict(), model_type="qilin_med_vl_projector", **towers), tokenizer)
 
     def save_towers(self, folder, tokenizer=None):
         """folder/vision and folder/llm, laid out as the official CLIP and LLaMA: the demo's towers load alike."""
