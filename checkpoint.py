@@ -154,9 +154,8 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
             if keys:
                 lines.append(f"  {len(keys)} {label}: " + "; ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         raise CheckpointError("\n".join(lines))
-    for name, t in state.items():
-        t = t.to(device) if device is not None else t  # first moved, then cast there: on a GPU no host copy
-        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    for name, t in state.items():  # first moved, then cast there: on a GPU no host copy
+        state[name] = t.to(device).to(dtype=dtype if t.is_floating_point() else None)
     module.load_state_dict(state, strict=True, assign=True)
     return module
 
@@ -191,9 +190,8 @@ def write_config(folder, config, tokenizer=None):
 
 
 def write_output(folder, write):
-    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a temporary folder
-    beside it, whose files are then renamed into place (atomic on one filesystem), config.json last: loaders start
-    from config.json, so until then nothing loads."""
+    """Fill `folder` by `write(tmp)`, never half-written even by a crash: `write` fills a temporary folder beside it,
+    whose files are then renamed into place (atomic on one filesystem), config.json last, as loaders start from it."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -214,8 +212,7 @@ def write_output(folder, write):
 # ----------------------------------------------------------------------------- the whole model's layouts
 # Qilin-Med-VL comes in four kinds of folder:
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
-#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the folders of
-#             the towers it was trained against (model.save_projector)
+#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and its towers' folders
 #   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released it
 #             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
@@ -324,8 +321,7 @@ def load_projector(projector, path, dtype=None, device=None):
 
 
 def read_stage1_config(folder, projector=None):
-    """Stage 1's config.json, checked: stage 2 starts from its adapter (of shape `projector`, if given), with its
-    towers and prompts."""
+    """Stage 1's config.json, checked: stage 2 takes its adapter (shaped `projector`, if given), towers and prompts."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder (run stage 1 first: its --output starts stage 2)")
     config = read_config(folder)
