@@ -14,8 +14,7 @@ Loading follows three rules:
   3. Be strict: every missing, unexpected or mis-shaped key is an error that names the key and
      the file. A silent partial load trains or chats with random weights.
 
-The second half knows the whole model's four folder layouts (model.py builds the model), and last come
-train.py's run folders: its resumable checkpoints.
+Then come the whole model's four folder layouts (model.py builds the model), and last train.py's run folders.
 """
 
 import json
@@ -89,31 +88,26 @@ def read_safetensors(path):
     then the raw bytes. The mapping is private (copy-on-write): writing to a parameter never touches the file."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
+        n = int.from_bytes(f.read(8), "little")  # a file under 8 bytes fails the check below too
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; its header alone needs {8 + n})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
     header.pop("__metadata__", None)
-    data_start = 8 + n
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if data_start + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file (needs {data_start + end} bytes, has {size})")
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     tensors = {}
     for key, v in header.items():
         if (dtype := SAFETENSORS_DTYPES.get(v["dtype"])) is None:
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
-        begin, stop = v["data_offsets"]
+        begin, stop = (8 + n + offset for offset in v["data_offsets"])  # offsets count from the header's end
         if stop - begin != math.prod(v["shape"]) * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {key} has {stop - begin} bytes for shape {v['shape']} of {v['dtype']}")
-        raw = torch.tensor([], dtype=torch.uint8).set_(storage, data_start + begin, (stop - begin,))  # the bytes
-        aligned = (data_start + begin) % dtype.itemsize == 0  # if not (rare, mixed dtypes), copy them out to view them
+        if stop > size:
+            raise CheckpointError(f"{path}: truncated safetensors file ({key} needs {stop} bytes, has {size})")
+        raw = torch.tensor([], dtype=torch.uint8).set_(storage, begin, (stop - begin,))  # the bytes
+        aligned = begin % dtype.itemsize == 0  # if not (rare, mixed dtypes), copy them out to view them
         tensors[key] = (raw if aligned else raw.clone()).view(dtype).reshape(v["shape"])
     return tensors
 
@@ -160,15 +154,14 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
             if keys:
                 lines.append(f"  {len(keys)} {label}: " + "; ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
         raise CheckpointError("\n".join(lines))
-    for name, t in state.items():
-        t = t.to(device) if device is not None else t  # first moved, then cast there: on a GPU no host copy
-        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    for name, t in state.items():  # first moved, then cast there: on a GPU no host copy
+        state[name] = t.to(device).to(dtype=dtype if t.is_floating_point() else None)
     module.load_state_dict(state, strict=True, assign=True)
     return module
 
 
-def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30):
-    """Write a state dict as safetensors shards + model.safetensors.index.json (HF's layout)."""
+def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30, stem="model"):
+    """A state dict as {stem}.safetensors, or if larger as shards + {stem}.safetensors.index.json (HF's layout)."""
     os.makedirs(folder, exist_ok=True)
     shards, size = [{}], 0
     for key, t in state_dict.items():
@@ -179,12 +172,12 @@ def save_weights(state_dict, folder, max_shard_bytes=5 * 2**30):
         size += t.nbytes
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         total = sum(t.nbytes for t in state_dict.values())
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(folder, f"{stem}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
@@ -197,9 +190,8 @@ def write_config(folder, config, tokenizer=None):
 
 
 def write_output(folder, write):
-    """Fill `folder` by `write(tmp)` so that a crash never leaves it half-written: `write` fills a temporary folder
-    beside it, whose files are then renamed into place (atomic on one filesystem), config.json last: loaders start
-    from config.json, so until then nothing loads."""
+    """Fill `folder` by `write(tmp)`, never half-written even by a crash: `write` fills a temporary folder beside it,
+    whose files are then renamed into place (atomic on one filesystem), config.json last, as loaders start from it."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -220,8 +212,7 @@ def write_output(folder, write):
 # ----------------------------------------------------------------------------- the whole model's layouts
 # Qilin-Med-VL comes in four kinds of folder:
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
-#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and the folders of
-#             the towers it was trained against (see write_projector)
+#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and its towers' folders
 #   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released it
 #             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration
@@ -316,15 +307,6 @@ def llava_hf_config(config, folder):
 
 # ---- stage 1's output: the adapter alone ------------------------------------------------------------
 
-def write_projector(folder, state_dict, config, tokenizer=None):
-    """projector.safetensors and a config.json that records the towers' folders (paper section
-    4.2.1: stage 1 trains only the adapter, so nothing else needs writing)."""
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: t.detach().contiguous().cpu() for k, t in state_dict.items()},
-              os.path.join(folder, "projector.safetensors"), metadata={"format": "pt"})
-    write_config(folder, config, tokenizer)
-
-
 def load_projector(projector, path, dtype=None, device=None):
     """The adapter from stage 1's output folder, or from LLaVA's `mm_projector.bin`."""
     if os.path.isdir(path):
@@ -339,8 +321,7 @@ def load_projector(projector, path, dtype=None, device=None):
 
 
 def read_stage1_config(folder, projector=None):
-    """Stage 1's config.json, checked: stage 2 starts from its adapter (of shape `projector`, if given), with its
-    towers and prompts."""
+    """Stage 1's config.json, checked: stage 2 takes its adapter (shaped `projector`, if given), towers and prompts."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder (run stage 1 first: its --output starts stage 2)")
     config = read_config(folder)
@@ -410,11 +391,10 @@ def save_checkpoint(engine, folder, state, run):
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)  # half-written by a crashed run
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
+    dist.barrier()  # every rank has written its part of this tag
     if rank0:
         with open(os.path.join(root, tag, "run.json"), "w") as f:
             json.dump(run, f, indent=2)
-    dist.barrier()  # every rank has written its part of this tag
-    if rank0:
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(tag)
             f.flush()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weights, detect_layout, llava_config,
                         llava_hf_config, llava_vision_path, load_projector, read_config, read_weights, save_weights,
-                        table_key_map, write_config, write_output, write_projector)
+                        table_key_map, write_config, write_output)
 from data import IMAGE_TOKEN_INDEX
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
@@ -181,11 +181,12 @@ class QilinMedVL(nn.Module):
         write_config(folder, self.config.to_dict(), tokenizer)
 
     def save_projector(self, folder, vision_path=None, llm_path=None, tokenizer=None):
-        """Stage 1's output: the adapter, and a config naming the towers it was trained against."""
+        """Stage 1's output: projector.safetensors and a config.json naming its towers' folders (paper section 4.2.1:
+        only the adapter trains, so nothing else needs writing)."""
         towers = dict(vision_path=vision_path and os.path.abspath(vision_path),
                       llm_path=llm_path and os.path.abspath(llm_path))
-        write_projector(folder, self.projector.state_dict(),
-                        dict(self.config.to_dict(), model_type="qilin_med_vl_projector", **towers), tokenizer)
+        save_weights(self.projector.state_dict(), folder, stem="projector")
+        write_config(folder, dict(self.config.to_dict(), model_type="qilin_med_vl_projector", **towers), tokenizer)
 
     def save_towers(self, folder, tokenizer=None):
         """folder/vision and folder/llm, laid out as the official CLIP and LLaMA: the demo's towers load alike."""
@@ -197,10 +198,9 @@ class QilinMedVL(nn.Module):
         write_config(llm, self.config.llm.to_hf_config(), tokenizer)
 
     def save_trained(self, folder, stage, towers=None, tokenizer=None, zero3=False):
-        """What a training stage hands on, written whole or not at all (write_output): stage 1 the adapter and the
-        towers' folders (None: the demo's random towers, written beside it), stage 2 the whole model. Every rank
-        calls this: under ZeRO-3 each holds a slice of each weight, and all take part in gathering them, one at a
-        time, into a whole CPU copy for rank 0, which writes."""
+        """What a training stage hands on, whole or not at all (write_output): stage 1 the adapter and its towers'
+        folders (None: the demo's random towers, written beside it), stage 2 the whole model. Every rank calls this:
+        under ZeRO-3 each holds a slice of each weight; all gather them one at a time, for rank 0 to copy and write."""
         model, rank0 = self, not dist.is_initialized() or dist.get_rank() == 0
         if zero3:
             import deepspeed
@@ -215,15 +215,14 @@ class QilinMedVL(nn.Module):
                 model.load_state_dict(state, strict=True, assign=True)
         if not rank0:
             return
-        demo = towers is None
-        towers = [os.path.join(folder, "vision"), os.path.join(folder, "llm")] if demo else towers
 
         def write(tmp):
             if stage == 2:
                 return model.save_pretrained(tmp, tokenizer=tokenizer)
-            if demo:
-                model.save_towers(tmp, tokenizer)
-            model.save_projector(tmp, *towers, tokenizer)
+            if towers is not None:
+                return model.save_projector(tmp, *towers, tokenizer)
+            model.save_towers(tmp, tokenizer)  # the demo's
+            model.save_projector(tmp, os.path.join(folder, "vision"), os.path.join(folder, "llm"), tokenizer)
         write_output(folder, write)
 
 
