@@ -100,9 +100,9 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
     step = compiled(llm) if compile else llm
     start = real.sum(1, keepdim=True)  # (B, 1): each row's RoPE position for its first new token
     slots = torch.arange(L, L + max_new_tokens, device=device)  # the cache slot of each new token
-    token = sample(logits, temperature, top_p, rng)  # (B,)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, rng)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(ended, eos_id)
             ended |= token == eos_id
@@ -110,8 +110,7 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
         # one token per row into cache slot L + i; it sees the real slots up to L + i
-        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)  # (B, 1, vocab)
-        token = sample(logits[:, -1], temperature, top_p, rng)
+        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)[:, -1]
 
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
@@ -326,8 +325,8 @@ def report(results, n_records, skipped, out):
     """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
     m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),  # the name, which answers
-                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):  # field
+    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
+                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
         values = [r[field] for r in results if r["kind"] == kind]
         known = [v for v in values if v is not None]  # a reference without words has no recall
         value = sum(known) / len(known) if known else None
@@ -335,8 +334,8 @@ def report(results, n_records, skipped, out):
         print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
     counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
     print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
-    path = str(Path(out).with_suffix("")) + ".metrics.json"
-    Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
+    path = Path(out).with_suffix(".metrics.json")
+    path.write_text(json.dumps(m, indent=2), encoding="utf-8")
     print(f"wrote {out} and {path}")
 
 
@@ -385,9 +384,8 @@ def main(argv=None):
         rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    if args.seed is None:
-        rng.seed()  # a random one
-    else:
+    rng.seed()  # a random seed, unless --seed gives one
+    if args.seed is not None:
         rng.manual_seed(args.seed)
     try:
         model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
