@@ -100,9 +100,9 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
     step = compiled(llm) if compile else llm
     start = real.sum(1, keepdim=True)  # (B, 1): each row's RoPE position for its first new token
     slots = torch.arange(L, L + max_new_tokens, device=device)  # the cache slot of each new token
-    token = sample(logits, temperature, top_p, rng)  # (B,)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, rng)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(ended, eos_id)
             ended |= token == eos_id
@@ -110,8 +110,7 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
         # one token per row into cache slot L + i; it sees the real slots up to L + i
-        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)  # (B, 1, vocab)
-        token = sample(logits[:, -1], temperature, top_p, rng)
+        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)[:, -1]
 
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
@@ -143,7 +142,7 @@ def room(model, prompt, max_new_tokens):
     return max(0, min(max_new_tokens, model.config.llm.max_seq_len - length)), length
 
 
-def answer(model, tokenizer, turns, pixels, args, rng):
+def answer(model, tokenizer, turns, pixels, args):
     """Render the dialog, stream the answer to stdout, return its text (None: it did not fit)."""
     prompt = prompt_ids(turns, tokenizer, model.config.style, pixels is not None)
     budget, length = room(model, prompt, args.max_new_tokens or 512)
@@ -154,7 +153,7 @@ def answer(model, tokenizer, turns, pixels, args, rng):
     if args.max_new_tokens and budget < args.max_new_tokens:  # only news when the user asked for more
         print(f"(the answer is capped at {budget} tokens: that is the room left in the context)", file=sys.stderr)
     stream = TextStream(tokenizer)
-    for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, rng,
+    for token in generate(model, [prompt], pixels, budget, args.temperature, args.top_p, tokenizer.eos_id, args.rng,
                           args.compile):
         if token.item() != tokenizer.eos_id:  # EOS, if it comes, is the last step
             print(stream.push(token.item()), end="", flush=True)
@@ -162,7 +161,7 @@ def answer(model, tokenizer, turns, pixels, args, rng):
     return stream.text
 
 
-def chat(model, tokenizer, pixels, args, rng):
+def chat(model, tokenizer, pixels, args):
     """The interactive loop. History is re-rendered in full each turn; the cache lives for one answer."""
     turns = []
     print(f"Qilin-Med-VL from {args.model} ({model.config.style} prompts). Ask in Chinese or English.\n{HELP}")
@@ -192,7 +191,7 @@ def chat(model, tokenizer, pixels, args, rng):
         elif line:
             question = {"from": "human", "value": line}
             try:
-                reply = answer(model, tokenizer, turns + [question], pixels, args, rng)
+                reply = answer(model, tokenizer, turns + [question], pixels, args)
             except KeyboardInterrupt:  # stop this answer only; a cut-off answer is not kept as history
                 print(" [stopped]", flush=True)
                 continue
@@ -289,7 +288,7 @@ def record_questions(record, model, tokenizer, image_root, args, skipped):
     return []
 
 
-def evaluate(model, tokenizer, args, rng):
+def evaluate(model, tokenizer, args):
     """Answer every gpt turn of every record, batch_size at a time as the records are read (one batch of images in
     memory); write one JSON line per answer, then report the metrics."""
     records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
@@ -304,7 +303,7 @@ def evaluate(model, tokenizer, args, rng):
             pixels = [q["pixels"] for q in batch if q["pixels"] is not None]
             answers = generate_batch(model, [q["prompt"] for q in batch], torch.cat(pixels) if pixels else None,
                                      max(q["room"] for q in batch), tokenizer.eos_id, temperature=args.temperature,
-                                     top_p=args.top_p, rng=rng, compile=args.compile)
+                                     top_p=args.top_p, rng=args.rng, compile=args.compile)
             for q, ids in zip(batch, answers):
                 prediction = tokenizer.decode(ids[:q["room"]])
                 kind, result = score(prediction, q["reference"], q["record"], q["turn"])
@@ -326,8 +325,8 @@ def report(results, n_records, skipped, out):
     """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
     m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
     print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),  # the name, which answers
-                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):  # field
+    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
+                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
         values = [r[field] for r in results if r["kind"] == kind]
         known = [v for v in values if v is not None]  # a reference without words has no recall
         value = sum(known) / len(known) if known else None
@@ -335,12 +334,13 @@ def report(results, n_records, skipped, out):
         print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
     counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
     print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
-    path = str(Path(out).with_suffix("")) + ".metrics.json"
-    Path(path).write_text(json.dumps(m, indent=2), encoding="utf-8")
+    path = Path(out).with_suffix(".metrics.json")
+    path.write_text(json.dumps(m, indent=2), encoding="utf-8")
     print(f"wrote {out} and {path}")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, checked before anything loads, with their defaults filled in and rng, the generator to sample with."""
     p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
     p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")
@@ -380,23 +380,27 @@ def main(argv=None):
         args.temperature = 0.0 if (args.eval or args.question is not None) else 0.2
     cuda = args.device.startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     try:
-        rng = torch.Generator(args.device)
+        args.rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    if args.seed is None:
-        rng.seed()  # a random one
-    else:
-        rng.manual_seed(args.seed)
+    args.rng.seed()  # a random seed, unless --seed gives one
+    if args.seed is not None:
+        args.rng.manual_seed(args.seed)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        model, tokenizer = load_model(args.model, args.vision, dtype, args.device)
+        model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device)
         pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)
         if args.eval:
-            evaluate(model, tokenizer, args, rng)
+            evaluate(model, tokenizer, args)
         elif args.question is None:
-            chat(model, tokenizer, pixels, args, rng)
-        elif answer(model, tokenizer, [{"from": "human", "value": args.question}], pixels, args, rng) is None:
+            chat(model, tokenizer, pixels, args)
+        elif answer(model, tokenizer, [{"from": "human", "value": args.question}], pixels, args) is None:
             return 1  # it does not fit the context
         return 0
     except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback

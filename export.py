@@ -4,7 +4,6 @@ dialog into the very inputs chat.py gives the model (the model of paper section 
 
     python export.py runs/stage2 exported/         # then AutoProcessor + LlavaForConditionalGeneration, or vLLM
 
-transformers' Llava adapter is always two linear layers with a GELU: only `mlp2x_gelu` (as released) exports.
 llava-hf marks images with a real vocabulary id, repeated once per feature, so the export appends an `<image>` row
 to the embedding and the output layer (the mean of the others, as transformers' resize sets it: in practice never
 the argmax). Written from https://huggingface.co/docs/transformers/model_doc/llava.
@@ -31,48 +30,41 @@ TO_LLAVA_HF_KEYS = (  # our name -> llava-hf's (transformers 4's names, which ev
 
 
 def export_llava_hf(model, folder, tokenizer=None):
-    """Weights and config.json in the llava-hf layout; with `tokenizer` (a SentencePiece tokenizer.model) also the
-    processor files and chat template that AutoProcessor and vLLM read."""
+    """Weights and config.json in the llava-hf layout; with `tokenizer` (a tokenizer.model) the processor files too."""
     config = model.config
     if config.projector != "mlp2x_gelu":
         raise ValueError("export_llava_hf needs projector='mlp2x_gelu': transformers' Llava projector is "
                          "always two linear layers with a GELU, so a 'linear' adapter has no place in it")
     if tokenizer is not None:  # first: a tokenizer that does not fit fails before the weights are written
-        tok, image_token = Tokenizer(tokenizer), config.llm.vocab_size  # the row to_llava_hf appends
+        tok, image_token = Tokenizer(tokenizer), config.llm.vocab_size  # the row appended below
         if tok.vocab_size != image_token:  # transformers numbers an added token right after the pieces
             raise ValueError(f"{tokenizer}: {tok.vocab_size} pieces but the model has {image_token} embedding rows; "
                              f"the processor's <image> token would get id {tok.vocab_size}, not {image_token}")
         write_processor(folder, config, tok)
-    save_weights(to_llava_hf(model.state_dict()), folder)
-    write_config(folder, llava_hf_config(config), tokenizer)
-
-
-def to_llava_hf(state_dict):
-    """Our state dict (vision.*, projector.0/2.*, llm.*) -> llava-hf's, with the <image> row appended."""
     state = {}
-    for name, t in state_dict.items():
+    for name, t in model.state_dict().items():  # vision.*, projector.0/2.*, llm.*
         if name in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
             t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype)])  # + the <image> row
         ours, theirs = next((o, h) for o, h in TO_LLAVA_HF_KEYS if name.startswith(o))
         state[theirs + name.removeprefix(ours)] = t
-    return state
+    save_weights(state, folder)
+    write_config(folder, llava_hf_config(config), tokenizer)
 
 
 def llava_hf_config(config):
     """llava-hf's config.json from the towers' Hugging Face configs; the <image> id is the row after the vocabulary,
     once per patch. prompt_style and image_fit (ignored by transformers) tell our loader how the model was trained."""
-    vision, text, image_token = config.vision.to_hf_config(), config.llm.to_hf_config(), config.llm.vocab_size
-    return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=vision,
-                prompt_style=config.style, image_fit=config.image_fit,
-                text_config=dict(text, vocab_size=image_token + 1, pad_token_id=None),
+    image_token = config.llm.vocab_size
+    return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
+                vision_config=config.vision.to_hf_config(), prompt_style=config.style, image_fit=config.image_fit,
+                text_config=dict(config.llm.to_hf_config(), vocab_size=image_token + 1, pad_token_id=None),
                 image_token_index=image_token, image_seq_length=config.vision.num_patches,
                 vision_feature_layer=config.select_layer, vision_feature_select_strategy="default",
                 projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
 
 
 def write_processor(folder, config, tokenizer):
-    """The files with which transformers' AutoProcessor (and vLLM, which loads it) turns an image and a dialog into
-    the model's inputs as chat.py does. config: the QilinConfig; tokenizer: data.Tokenizer."""
+    """The files AutoProcessor reads (and vLLM through it). config: the QilinConfig; tokenizer: data.Tokenizer."""
     piece, size = tokenizer.sp.id_to_piece, config.vision.image_size
     files = {
         # LLaMA's SentencePiece model plus a special <image> piece. legacy=True: each stretch between special tokens
@@ -121,8 +113,7 @@ def chat_template(style, tokenizer):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a trained model in transformers' llava-hf layout, for "
-                                            "transformers and vLLM.")
+    p = argparse.ArgumentParser(description="Write a trained model in the llava-hf layout, for transformers and vLLM.")
     p.add_argument("model", help="model folder chat.py loads (ours, or LLaVA's original layout with --vision), "
                                  "with its tokenizer.model")
     p.add_argument("output", help="the llava-hf folder to write (new or empty)")
