@@ -110,7 +110,8 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
         # one token per row into cache slot L + i; it sees the real slots up to L + i
-        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)[:, -1]
+        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)
+        logits = logits[:, -1]  # (B, 1, vocab) -> (B, vocab), as the prefill's
 
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
@@ -340,7 +341,8 @@ def report(results, n_records, skipped, out):
 
 
 def parse_args(argv=None):
-    """The flags, checked before anything loads, with their defaults filled in and rng, the generator to sample with."""
+    """The checked flags, with defaults filled in, `dtype` as a torch dtype, and `rng`, the seeded generator to
+    sample with."""
     p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
     p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")
@@ -385,8 +387,9 @@ def parse_args(argv=None):
         args.rng = torch.Generator(args.device)
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
-    args.rng.seed()  # a random seed, unless --seed gives one
-    if args.seed is not None:
+    if args.seed is None:
+        args.rng.seed()  # a random one
+    else:
         args.rng.manual_seed(args.seed)
     return args
 

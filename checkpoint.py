@@ -88,7 +88,9 @@ def read_safetensors(path):
     then the raw bytes. The mapping is private (copy-on-write): writing to a parameter never touches the file."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")  # a file under 8 bytes fails the check below too
+        if size < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        n = int.from_bytes(f.read(8), "little")
         if 8 + n > size:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; its header alone needs {8 + n})")
         try:
@@ -101,7 +103,7 @@ def read_safetensors(path):
     for key, v in header.items():
         if (dtype := SAFETENSORS_DTYPES.get(v["dtype"])) is None:
             raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which this loader does not read")
-        begin, stop = (8 + n + offset for offset in v["data_offsets"])  # offsets count from the header's end
+        begin, stop = [8 + n + offset for offset in v["data_offsets"]]  # offsets count from the header's end
         if stop - begin != math.prod(v["shape"]) * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {key} has {stop - begin} bytes for shape {v['shape']} of {v['dtype']}")
         if stop > size:
@@ -212,7 +214,8 @@ def write_output(folder, write):
 # ----------------------------------------------------------------------------- the whole model's layouts
 # Qilin-Med-VL comes in four kinds of folder:
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
-#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone, and its towers' folders
+#   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone; config.json names the
+#             folders of the towers it was trained against (QilinMedVL.save_projector)
 #   LLaVA     keys `model.mm_projector.*` beside LLaMA's: Qilin-Med-VL-Chat as the authors released it
 #             (LLaVA's LlavaLlamaForCausalLM); the CLIP tower lives in a folder of its own
 #   llava-hf  keys `multi_modal_projector.*`: transformers' LlavaForConditionalGeneration

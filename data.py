@@ -352,7 +352,9 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS, min_side=None):
             image.load()  # decodes now, so a truncated file fails here and not later
             ImageOps.exif_transpose(image, in_place=True)  # phone and scanner photos store rotation in EXIF
             factor = min(image.size) // min_side if min_side else 1  # what is left: other formats, or beyond 1/8
-            if factor >= 2:  # block means (Image.reduce): no 16-bit reduce, so 32-bit; palette/alpha/1-bit to RGB
+            # Image.reduce averages factor x factor blocks. It has no 16-bit mode (widen to 32-bit), and averaging
+            # palette indices or 1-bit values, or dropping transparency, would be wrong (RGB first).
+            if factor >= 2:
                 if image.mode.startswith("I;16"):
                     image = image.convert("I")
                 elif image.mode not in ("L", "RGB", "I", "F") or "transparency" in image.info:

@@ -45,18 +45,20 @@ class LlamaArgs:
         """Matmul FLOPs per token, as nanoGPT and PaLM count them: 2 per weight N forward (multiply and add), twice
         that again backward, so 6N; plus attention's scores and weighted sum, 2 * 2 * d * T per layer forward (over
         the full T x T square, though causal needs half). Embedding lookup and norms are free. lm_head=False leaves
-        out the output layer. From the shapes alone, so it also holds while ZeRO-3 has the weights scattered."""
+        out the output layer, for tokens whose logits are never computed. From the shapes alone, so it also holds
+        while ZeRO-3 has the weights scattered."""
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         n = self.n_layers * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size) + d * self.vocab_size * lm_head
         forward = 2 * n + 4 * self.n_layers * d * seq_len
         return 3 * forward if backward else forward
 
     def step_flops(self, lengths, n_logits, weight_grads=True):
-        """A training step's FLOPs for sequences of these lengths, the output layer (2 * d * vocab) only at the
-        n_logits positions that get logits: 3x the forward, or 2x without weight gradients (stage 1: the frozen LLM
-        still passes gradients through to the adapter, so about 4N per token rather than 6N)."""
+        """A training step's FLOPs for sequences of these lengths, the output layer only at the n_logits positions
+        that get logits: 3x the forward, or 2x without weight gradients (stage 1: the frozen LLM still passes
+        gradients through to the adapter, so about 4N per token rather than 6N)."""
         body = sum(T * self.flops_per_token(T, backward=False, lm_head=False) for T in lengths)
-        return (3 if weight_grads else 2) * (body + n_logits * 2 * self.dim * self.vocab_size)
+        head = self.flops_per_token(0, backward=False) - self.flops_per_token(0, backward=False, lm_head=False)
+        return (3 if weight_grads else 2) * (body + n_logits * head)
 
     @classmethod
     def preset(cls, name):
@@ -207,10 +209,12 @@ class Llama(nn.Module):
 
     def forward(self, input_ids=None, *, inputs_embeds=None, input_pos=None, positions=None, pad_mask=None,
                 logits_at=None):
-        """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab); a causal forward with no cache, unless:
-          input_pos (T,) long, after `setup_cache`: the cache slots of these T tokens; each sees those up to its own.
+        """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab): a causal forward with no cache, unless
+        input_pos (T,) long, after `setup_cache`, names the cache slots of these T tokens; each then sees the filled
+        slots up to its own. Decoding also passes:
           positions (B, T): RoPE positions, default input_pos; left-padded rows pass their own count of real tokens.
           pad_mask (B, S): bool over the S cache slots, False where a slot holds padding.
+        And training or a prefill:
           logits_at (M,): flat indices into the B*T positions -> only their logits (M, vocab): the answer tokens' for
             the loss, the last position's for a prefill; the full matrix can cost more than a small model's layers."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
@@ -234,8 +238,9 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):
-        """A static KV cache for decoding (forward with input_pos). A matching cache that is long enough is kept and
-        new ones get a multiple of 256 slots, so a compiled decode step replays its captured graph, not recompiling."""
+        """A static KV cache for decoding (forward with input_pos). A cache of the same batch size, dtype and device
+        that is long enough is kept, and new ones get a multiple of 256 slots, so a compiled decode step replays its
+        captured graph instead of compiling again."""
         dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
         need = max_seq_len or self.args.max_seq_len
         old = self.layers[0].self_attn.cache
