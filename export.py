@@ -34,7 +34,8 @@ def export_llava_hf(model, folder, tokenizer=None):
     config = model.config
     if config.projector != "mlp2x_gelu":
         raise ValueError("export_llava_hf needs projector='mlp2x_gelu': transformers' Llava projector is "
-                         "always two linear layers with a GELU, so a 'linear' adapter has no place in it")
+                         "always two linear layers with a GELU, so a 'linear' adapter has no place in it (train with "
+                         "--projector mlp2x_gelu, as the release was)")
     if tokenizer is not None:  # first: a tokenizer that does not fit fails before the weights are written
         tok, image_token = Tokenizer(tokenizer), config.llm.vocab_size  # the row appended below
         if tok.vocab_size != image_token:  # transformers numbers an added token right after the pieces
