@@ -163,7 +163,8 @@ def answer(model, tokenizer, turns, pixels, args):
 
 
 def chat(model, tokenizer, pixels, args):
-    """The interactive loop. History is re-rendered in full each turn; the cache lives for one answer."""
+    """The interactive loop. History is re-rendered in full each turn: the cache is refilled for each answer (its
+    buffers are reused, its contents are not)."""
     turns = []
     print(f"Qilin-Med-VL from {args.model} ({model.config.style} prompts). Ask in Chinese or English.\n{HELP}")
     while True:

@@ -255,8 +255,8 @@ def table_key_map(table, tower_keys):
 
 
 def detect_layout(config, weights, vision_path=None):
-    """"qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder is told by its
-    config alone, before any weights are read). vision_path, a separate CLIP folder, fits only "llava"."""
+    """The layout, "qilin_med_vl", "llava" or "llava_hf", from config.json and the key names (stage 1's folder is
+    told by its config alone, before any weights are read). vision_path, a separate CLIP folder, fits only "llava"."""
     kind = config.get("model_type")
     llava_hf = any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in weights.tensors)
     if vision_path is not None and (kind == "qilin_med_vl" or llava_hf):
@@ -410,7 +410,8 @@ def save_checkpoint(engine, folder, state, run):
 
 def resume(engine, folder):
     """Restore engine, optimizer and scheduler from the latest checkpoint: (tag, train.py's step counters).
-    metrics.jsonl keeps the steps up to the checkpoint (those after it run again) and loses a line a kill tore."""
+    metrics.jsonl keeps the steps up to the checkpoint (those after it run again), without a last line that a kill
+    left half-written."""
     tag = latest_checkpoint(folder)
     path, state = engine.load_checkpoint(os.path.join(folder, "checkpoints"), tag=tag, load_module_strict=False)
     if path is None:

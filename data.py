@@ -77,9 +77,9 @@ def wrap_question(question, prompt_index=0, with_image=True):
 def _release_turns(turns, has_image):
     """The turns as LLaVA's preprocess_multimodal left them for the released model: a tagged turn loses its tags and
     the whitespace around the rest, then gets one tag in front ("Is <image> ok?" -> "<image>\nIs  ok?"); others stay
-    verbatim. One composite (paper 3.3), one tag: in the first human turn holding one (LLaVA tags each), else before
-    the first question (LLaVA would train without the image); a text-only record loses any stray tag (LLaVA would
-    read it as text)."""
+    verbatim. All images become one composite (paper 3.3), so one tag is kept: in the first human turn that has one
+    (LLaVA keeps a tag per image) or, if none has, at the start of the first question (where LLaVA would have trained
+    without the image). A text-only record loses any stray tag (LLaVA would read it as text)."""
     tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
     keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
     out = []
@@ -183,7 +183,8 @@ class ChiMedDataset(torch.utils.data.Dataset):
     """LLaVA-format records -> samples: ids and labels cut to max_length, and one composite image. Records are
     checked, rendered and measured once, here, so exclusions are known before training (self.skipped, by reason).
     An unreadable image, or a later epoch's prompt that no longer fits, makes __getitem__ warn and return None,
-    which collate drops and counts (n_dropped; a worker's self.skipped is its own): one file cannot stop an epoch."""
+    which collate drops and counts as n_dropped (a DataLoader worker counts in its own copy of self.skipped, which
+    the main process never sees): one file cannot stop an epoch."""
 
     def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
                  image_fit="pad", max_length=2048, num_image_tokens=576, seed=0, strict=False,

@@ -20,7 +20,7 @@ from chat import load_model
 from checkpoint import CheckpointError, save_weights, write_config, write_output
 from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
 
-TO_LLAVA_HF_KEYS = (  # our name -> llava-hf's (transformers 4's names, which every version reads)
+TO_LLAVA_HF_KEYS = (  # our name -> llava-hf's, as transformers 5's save_pretrained writes them
     ("vision.", "vision_tower."),
     ("projector.0.", "multi_modal_projector.linear_1."),
     ("projector.2.", "multi_modal_projector.linear_2."),

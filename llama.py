@@ -203,7 +203,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
-        for m in self.modules():  # the init LLaMA was trained from; loading replaces it
+        for m in self.modules():  # HF's initializer_range, 0.02, for random models; loading replaces it
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
@@ -212,7 +212,7 @@ class Llama(nn.Module):
         """Token ids (B, T) or embeddings (B, T, dim) -> logits (B, T, vocab): a causal forward with no cache, unless
         input_pos (T,) long, after `setup_cache`, names the cache slots of these T tokens; each then sees the filled
         slots up to its own. Decoding also passes:
-          positions (B, T): RoPE positions, default input_pos; left-padded rows pass their own count of real tokens.
+          positions (B, T): RoPE positions, default input_pos; left-padded rows count only their real tokens.
           pad_mask (B, S): bool over the S cache slots, False where a slot holds padding.
         And training or a prefill:
           logits_at (M,): flat indices into the B*T positions -> only their logits (M, vocab): the answer tokens' for
@@ -239,8 +239,8 @@ class Llama(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len=None, dtype=None, device=None):
         """A static KV cache for decoding (forward with input_pos). A cache of the same batch size, dtype and device
-        that is long enough is kept, and new ones get a multiple of 256 slots, so a compiled decode step replays its
-        captured graph instead of compiling again."""
+        that is long enough is kept, and new ones get a multiple of 256 slots (capped at the model's context), so a
+        compiled decode step replays its captured graph instead of compiling again."""
         dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
         need = max_seq_len or self.args.max_seq_len
         old = self.layers[0].self_attn.cache
@@ -275,8 +275,9 @@ def fuse_pointwise(enable=True):
     memory: RMSNorm's float32 round trip (casts, a reduction, multiplies), RoPE and SwiGLU; eager, they take about a
     quarter of a 13B training step's GPU time. Only these parameter-free functions are compiled, not whole blocks, so
     DeepSpeed's ZeRO-3 hooks on each weight stay outside the compiled code. train.py --compile calls this."""
-    compiled = {name: torch.compile(f, dynamic=True) if enable else f for name, f in POINTWISE.items()}
-    globals().update(compiled)  # the modules above call these names; enable=False rebinds the eager ones
+    # The modules above look these names up when they run, so rebinding them here swaps the compiled versions in
+    # everywhere at once, without a second set of modules; enable=False rebinds the eager ones.
+    globals().update({name: torch.compile(f, dynamic=True) if enable else f for name, f in POINTWISE.items()})
 
 
 def llama_key(key):

@@ -9,7 +9,8 @@ adapter maps them into the LLM's embedding space, and the LLM reads them where a
 
 The paper's adapter is "a simple linear projection layer" (`projector="linear"`); the released Qilin-Med-VL-Chat
 uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Section 4.2's two stages differ only in what trains
-(`set_trainable`); the vision tower never trains. Loading and saving, last, hand the towers to checkpoint.py.
+(`set_trainable`); the vision tower never trains. Loading and saving come last; the folder layouts themselves
+live in checkpoint.py. IMAGE_TOKEN_INDEX, the image token's id (-200, LLaVA's), comes from data.py.
 """
 
 import os

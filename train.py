@@ -99,8 +99,8 @@ def arg_parser():
                    help="auto: bf16 weights with fp32 master copies and tf32 matmuls on GPU, fp32 on CPU")
     g.add_argument("--deepspeed-config", metavar="FILE", help="JSON merged over deepspeed_config()'s (example below)")
     g.add_argument("--num-workers", type=int, help="DataLoader processes per GPU reading images (default 4)")
-    g.add_argument("--peak-tflops", type=float, help="one GPU's dense bf16 peak TFLOP/s for MFU (default: by name, "
-                   "A100 312, H100/H200 SXM 989; 312 for a GPU not in that list; none on a CPU)")
+    g.add_argument("--peak-tflops", type=float, help="one GPU's dense bf16 peak TFLOP/s for MFU (default by name: "
+                   + ", ".join(f"{k} {v}" for k, v in PEAK_TFLOPS.items()) + "; 312 for another GPU; none on a CPU)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=500, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -249,7 +249,8 @@ def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
     """The whole DeepSpeed configuration, in one place; --deepspeed-config merges over it."""
     zero = {"stage": args.zero, "overlap_comm": on_gpu}  # reduce gradients while the backward pass goes on
     if args.zero == 3:
-        block = llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights
+        # forward FLOPs at T = 0 are 2 per weight: this is one block's count of weights
+        block = llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers
         zero.update(stage3_prefetch_bucket_size=int(1.5 * block),  # gather the next block while this one computes
                     # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
                     stage3_param_persistence_threshold=10 * llm_args.dim,
@@ -284,11 +285,11 @@ def warmup_cosine(step, warmup_steps, total_steps):
 def start_deepspeed(model, args, world, device, total_steps):
     """The DeepSpeed engine (ZeRO sharding, bf16, AdamW) and the lr schedule around the model."""
     if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said once below, not warned by every process
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # so DeepSpeed does not warn in every process; rank 0 notes:
         from torch.utils.cpp_extension import _get_build_directory  # torch's cache of compiled extensions
         built = os.listdir(_get_build_directory("deepspeed_shm_comm", verbose=False))  # DeepSpeed's CPU collectives
         if rank_zero() and not any(name.endswith(".so") for name in built):
-            print("DeepSpeed on the CPU: building its shared-memory communication extension, once (about a minute; "
+            print("DeepSpeed on the CPU: building its shared-memory communication extension, once (about 30 s; "
                   "cached in TORCH_EXTENSIONS_DIR)", flush=True)
     import deepspeed  # here, so that `--help` and the input checks answer without its start-up cost
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its config dump and per-step notes would drown the bar
@@ -313,7 +314,7 @@ def train_step(engine, micro_batches, stage, llm_args):
     loss_sum = torch.zeros((), device=engine.device)
     counts = torch.zeros(4, dtype=torch.float64)  # micro-steps, tokens, FLOPs, dropped: known on the host
     for k, batch in enumerate(micro_batches):
-        inputs = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        inputs = {name: t.to(engine.device, non_blocking=True) for name, t in batch.items() if torch.is_tensor(t)}
         _, loss = engine(**inputs)  # collate's tensors are the model's inputs; the loss: the learned tokens' mean
         engine.backward(loss)
         if k < len(micro_batches) - 1:

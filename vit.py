@@ -3,7 +3,9 @@
 The image is cut into 14x14 patches (336/14 = 24, so 24x24 = 576 patches), each patch is embedded, a class
 token is prepended, and 24 pre-LayerNorm transformer blocks mix them. Like LLaVA, Qilin-Med-VL takes the patch
 tokens of the *penultimate* block (`hidden_states[-2]` in Hugging Face's terms) and drops the class token:
-(B, 576, 1024) features per image. The encoder is frozen in both training stages (paper section 4.2).
+(B, 576, 1024) features per image. LLaVA's ablation (Liu et al. 2023, "Visual Instruction Tuning") found them
+better than the last block's, which it reads as more global and abstract, where the one before keeps the local
+detail an answer needs. The encoder is frozen in both training stages (paper section 4.2).
 
 Reference: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision";
 module names follow the official checkpoint (openai/clip-vit-large-patch14-336) so loading is a prefix strip.
