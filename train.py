@@ -249,8 +249,7 @@ def deepspeed_config(args, world_size, on_gpu, llm_args=LlamaArgs()):
     """The whole DeepSpeed configuration, in one place; --deepspeed-config merges over it."""
     zero = {"stage": args.zero, "overlap_comm": on_gpu}  # reduce gradients while the backward pass goes on
     if args.zero == 3:
-        # forward FLOPs at T = 0 are 2 per weight: this is one block's count of weights
-        block = llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers
+        block = llm_args.flops_per_token(0, backward=False, lm_head=False) // 2 // llm_args.n_layers  # weights: 2 FLOPs each
         zero.update(stage3_prefetch_bucket_size=int(1.5 * block),  # gather the next block while this one computes
                     # norm weights, biases: too small to be worth a collective each; every GPU keeps them whole
                     stage3_param_persistence_threshold=10 * llm_args.dim,
