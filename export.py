@@ -65,8 +65,7 @@ def llava_hf_config(config):
 
 
 def write_processor(folder, config, tokenizer):
-    """The files with which AutoProcessor (and vLLM, which loads it) turns an image and a dialog into the model's
-    inputs exactly as chat.py does. config: the QilinConfig; tokenizer: data.Tokenizer."""
+    """AutoProcessor's files, giving exactly chat.py's inputs. config: the QilinConfig; tokenizer: data.Tokenizer."""
     piece, size = tokenizer.sp.id_to_piece, config.vision.image_size
     files = {
         # LLaMA's SentencePiece model plus a special <image> piece. legacy=True: each stretch between special tokens

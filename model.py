@@ -9,8 +9,7 @@ adapter maps them into the LLM's embedding space, and the LLM reads them where a
 
 The paper's adapter is "a simple linear projection layer" (`projector="linear"`); the released Qilin-Med-VL-Chat
 uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Section 4.2's two stages differ only in what trains
-(`set_trainable`); the vision tower never trains. Loading and saving come last; the folder layouts themselves
-live in checkpoint.py. IMAGE_TOKEN_INDEX, the image token's id (-200, LLaVA's), comes from data.py.
+(`set_trainable`); the vision tower never trains.
 """
 
 import os
@@ -27,6 +26,8 @@ from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weigh
 from data import IMAGE_TOKEN_INDEX
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
+
+TOWER_KEYS = dict(vision=clip_key, llm=llama_key)  # each tower's own checkpoint names, for the layouts' key tables
 
 
 @dataclass
@@ -57,9 +58,6 @@ def build_projector(kind, vision_dim, llm_dim):
     if kind == "mlp2x_gelu":  # indices 0 and 2 match LLaVA's `mm_projector.0/.2` keys
         return nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
     raise ValueError(f"unknown projector type {kind!r} (expected 'linear' or 'mlp2x_gelu')")
-
-
-TOWER_KEYS = dict(vision=clip_key, llm=llama_key)  # each tower's own checkpoint names, for the layouts' key tables
 
 
 class QilinMedVL(nn.Module):

@@ -54,7 +54,8 @@ with --deepspeed-config, e.g. {"csv_monitor": {"enabled": true, "output_path": "
 """
 
 
-def arg_parser():
+def parse_args(argv=None):
+    """The command line, with the defaults filled in (demo, then paper; stage 2 takes stage 1's) and checked."""
     demo = "\n".join(f"  stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
                      for stage, values in DEMO.items())  # made from DEMO, so that --help cannot drift from it
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,12 +108,6 @@ def arg_parser():
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --output and start afresh")
     g.add_argument("--log-sample-ids", action="store_true", help="record each step's sample ids in metrics.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher adds it
-    return p
-
-
-def parse_args(argv=None):
-    """The command line, with the defaults filled in (demo, then paper; stage 2 takes stage 1's) and checked."""
-    p = arg_parser()
     args = p.parse_args(argv)
     defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4)
     if args.demo:
@@ -183,7 +178,7 @@ def setup_process():
 
 def build_model(args, dtype, device=None):
     """(model, tokenizer path): the towers from their folders (the demo's random), the adapter fresh or stage 1's,
-    cast on `device` (no host copy of 13B is converted). --projector, --style, --image-fit, --vision and --llm
+    cast on `device` (no host copy of 13B is converted). --projector, --style, --vision and --llm
     default to stage 1's in stage 2 (its adapter fits only those towers, shape and prompts), else the paper's."""
     if args.stage == 2:
         s1 = read_stage1_config(args.stage1_output, args.projector)
@@ -362,9 +357,6 @@ class Metrics:
     def pause(self):
         self.t = time.perf_counter()  # the clock restarts: after a checkpoint's save, that is not training time
 
-    def close(self):
-        self.bar.close()
-
 
 # ----------------------------------------------------------------------------- main
 
@@ -417,7 +409,7 @@ def main(argv=None):
                 if kept else "No checkpoint was saved yet: lower --lr and start again with --overwrite."))
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every worker)
         stopped(args, state)
-    metrics.close()
+    metrics.bar.close()
     towers = None if args.stage == 1 and args.vision is None else (args.vision, args.llm)  # None: the demo's
     model.save_trained(args.output, args.stage, towers, tokenizer_path, zero3=args.zero == 3)
     log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after "
