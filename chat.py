@@ -109,9 +109,8 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         yield token
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
-        # one token per row into cache slot L + i; it sees the real slots up to L + i
-        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)
-        logits = logits[:, -1]  # (B, 1, vocab) -> (B, vocab), as the prefill's
+        # one token per row into slot L + i, seeing the real slots up to L + i; logits (B, vocab) as the prefill's
+        logits = step(token[:, None], input_pos=slots[i:i + 1], positions=start + i, pad_mask=pad_mask)[:, -1]
 
 
 def generate_batch(model, prompts, pixel_values, max_new_tokens, eos_id, **sampling):
@@ -163,8 +162,7 @@ def answer(model, tokenizer, turns, pixels, args):
 
 
 def chat(model, tokenizer, pixels, args):
-    """The interactive loop. History is re-rendered in full each turn: the cache is refilled for each answer (its
-    buffers are reused, its contents are not)."""
+    """The interactive loop: each answer re-renders the whole dialog and refills the cache (reusing its buffers)."""
     turns = []
     print(f"Qilin-Med-VL from {args.model} ({model.config.style} prompts). Ask in Chinese or English.\n{HELP}")
     while True:
@@ -342,8 +340,7 @@ def report(results, n_records, skipped, out):
 
 
 def parse_args(argv=None):
-    """The checked flags, with defaults filled in, `dtype` as a torch dtype, and `rng`, the seeded generator to
-    sample with."""
+    """The checked flags, defaults filled in, `dtype` as a torch dtype, and `rng`, the seeded sampling generator."""
     p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
     p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")

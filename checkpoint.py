@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 import torch.distributed as dist
@@ -37,12 +37,8 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded as it is; the message says why."""
 
 
-@dataclass
-class Weights:
-    """The tensors of a checkpoint folder: key -> tensor, and key -> the file it came from."""
-    tensors: dict
-    files: dict
-    folder: str
+# The tensors of a checkpoint folder: key -> tensor, and key -> the file it came from.
+Weights = namedtuple("Weights", "tensors files folder")
 
 
 def read_config(folder):
@@ -139,8 +135,7 @@ def assign_weights(module, weights, mapping, dtype=None, device=None, what="mode
     expected = module.state_dict()  # on meta: names and shapes only
     state, unexpected, misshaped = {}, [], {}
     for key, t in weights.tensors.items():
-        name = mapping(key)
-        if name is None:
+        if (name := mapping(key)) is None:
             continue
         if name not in expected:
             unexpected.append(f"{key} (in {weights.files[key]})")
@@ -211,8 +206,7 @@ def write_output(folder, write):
     os.rmdir(tmp)
 
 
-# ----------------------------------------------------------------------------- the whole model's layouts
-# Qilin-Med-VL comes in four kinds of folder:
+# ---- the whole model's layouts: Qilin-Med-VL comes in four kinds of folder ----------------------------
 #   ours      config model_type "qilin_med_vl": our parameter names as they are
 #   stage 1   config model_type "qilin_med_vl_projector": projector.safetensors alone; config.json names the
 #             folders of the towers it was trained against (QilinMedVL.save_projector)
@@ -246,9 +240,7 @@ def table_key_map(table, tower_keys):
     def key_map(key):
         for prefix, ours in table:
             if key.startswith(prefix):
-                if ours is None:
-                    return None
-                name = tower_keys.get(ours.split(".")[0], lambda k: k)(key.removeprefix(prefix))
+                name = ours and tower_keys.get(ours.split(".")[0], lambda k: k)(key.removeprefix(prefix))
                 return name and ours + name
         return key
     return key_map

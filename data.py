@@ -80,16 +80,11 @@ def _release_turns(turns, has_image):
     verbatim. All images become one composite (paper 3.3), so one tag is kept: in the first human turn that has one
     (LLaVA keeps a tag per image) or, if none has, at the start of the first question (where LLaVA would have trained
     without the image). A text-only record loses any stray tag (LLaVA would read it as text)."""
-    tagged = (k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"])
-    keep = next(tagged, 0) if has_image else None  # the one turn that holds the tag
-    out = []
-    for k, turn in enumerate(turns):
-        value = turn["value"]
-        if k == keep:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
-            value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
-        elif IMAGE in value:
-            value = value.replace(IMAGE, "").strip()
-        out.append({"from": turn["from"], "value": value})
+    out = [{"from": t["from"], "value": t["value"].replace(IMAGE, "").strip() if IMAGE in t["value"] else t["value"]}
+           for t in turns]
+    if has_image and out:  # .strip() again: a turn that was the tag alone becomes "<image>", not "<image>\n"
+        keep = next((k for k, t in enumerate(turns) if t["from"] == "human" and IMAGE in t["value"]), 0)
+        out[keep]["value"] = (IMAGE + "\n" + out[keep]["value"].strip()).strip()
     return out
 
 
@@ -98,24 +93,18 @@ def build_conversation(record, stage, style="paper", rng=None):
     has_image = bool(image_files(record))
     if style == "release":  # the text LLaVA's code trained the released weights on
         turns = _release_turns(record["conversations"], has_image)
-        if stage == 1:  # LLaVA's preprocess_plain: the image alone, then the caption as it stands
-            caption = next(t for t in turns if t["from"] == "gpt")
-            return [{"from": "human", "value": IMAGE if has_image else ""}, caption]
-        return turns
-    # paper: the prompts of appendix A.1 place the image, so the record's own tags go
-    turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
+    else:  # paper: the prompts of appendix A.1 place the image, so the record's own tags go
+        turns = [{"from": t["from"], "value": _strip_image(t["value"])} for t in record["conversations"]]
     pick = (lambda n: int(rng.integers(n))) if rng is not None else (lambda n: 0)
-    if stage == 1:  # feature alignment: an alignment prompt, then the caption
-        human = ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
-        caption = next(t for t in turns if t["from"] == "gpt")
+    if stage == 1:  # feature alignment: an alignment prompt (release: the image alone, LLaVA's preprocess_plain)
+        human = IMAGE if style == "release" else ALIGNMENT_PROMPTS[pick(len(ALIGNMENT_PROMPTS))]
+        caption = next(t for t in turns if t["from"] == "gpt")  # then the caption
         return [{"from": "human", "value": human if has_image else _strip_image(human)}, caption]
-    out = []
-    for turn in turns:  # instruction tuning: every question wrapped; only the first carries the image
-        if turn["from"] == "human":
-            with_image = has_image and not out
-            turn = {"from": "human", "value": wrap_question(turn["value"], pick(len(INSTRUCTION_PROMPTS)), with_image)}
-        out.append(turn)
-    return out
+    if style == "release":
+        return turns
+    # instruction tuning: every question wrapped; only the first carries the image
+    return [{"from": "human", "value": wrap_question(t["value"], pick(len(INSTRUCTION_PROMPTS)), has_image and k == 0)}
+            if t["from"] == "human" else t for k, t in enumerate(turns)]
 
 
 def render(conversation, tokenizer, template="v1"):
@@ -135,8 +124,7 @@ def render(conversation, tokenizer, template="v1"):
         if role == "human":
             text = (tpl["first_user"] if k == 0 else tpl["user"]).format(system=tpl["system"], message=turn["value"])
             # as LLaVA's tokenizer_image_token: each chunk between placeholders encoded on its own (its own ▁)
-            chunks = [tokenizer.encode(chunk) for chunk in text.split(IMAGE)]
-            segment = [i for chunk in chunks for i in [IMAGE_TOKEN_INDEX] + chunk][1:]
+            segment = [i for chunk in text.split(IMAGE) for i in [IMAGE_TOKEN_INDEX] + tokenizer.encode(chunk)][1:]
         elif IMAGE in turn["value"]:
             raise ValueError(f"turn {k}: an answer cannot hold an {IMAGE} placeholder")
         else:
@@ -182,9 +170,8 @@ def read_records(path):
 class ChiMedDataset(torch.utils.data.Dataset):
     """LLaVA-format records -> samples: ids and labels cut to max_length, and one composite image. Records are
     checked, rendered and measured once, here, so exclusions are known before training (self.skipped, by reason).
-    An unreadable image, or a later epoch's prompt that no longer fits, makes __getitem__ warn and return None,
-    which collate drops and counts as n_dropped (a DataLoader worker counts in its own copy of self.skipped, which
-    the main process never sees): one file cannot stop an epoch."""
+    So that one file cannot stop an epoch, an unreadable image or a later epoch's prompt that no longer fits makes
+    __getitem__ warn and return None, for collate to drop and count as n_dropped (a worker's self.skipped is a copy)."""
 
     def __init__(self, *, data_path, image_root, tokenizer, stage, style="paper", image_size=336,
                  image_fit="pad", max_length=2048, num_image_tokens=576, seed=0, strict=False,
@@ -241,8 +228,7 @@ class ChiMedDataset(torch.utils.data.Dataset):
         paths = [os.path.join(self.image_root, f) for f in image_files(record)]
         if len(paths) > MAX_IMAGES:
             return "too_many_images", f"{len(paths)} images (at most {MAX_IMAGES})", 0
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
+        if missing := [p for p in paths if not os.path.isfile(p)]:
             return "missing_image", f"{missing[0]} does not exist", 0
         short = [t["value"] for t in turns if t["from"] == "gpt" and len(t["value"].strip()) < self.min_answer_chars]
         if short:

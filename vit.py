@@ -63,10 +63,7 @@ class VisionArgs:
                     hidden_act=self.act, num_channels=self.num_channels)
 
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's cheap GELU approximation
-    "gelu": F.gelu,
-}
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}  # quick_gelu: CLIP's cheap GELU
 
 
 class Embeddings(nn.Module):
@@ -81,8 +78,7 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values):  # (B, 3, H, W)
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, C, H/p, W/p) -> (B, N, C), row-major
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, C)
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, C)
         return x + self.position_embedding.weight.to(x.dtype)
 
 
@@ -158,14 +154,11 @@ class VisionTransformer(nn.Module):
         return model.eval().requires_grad_(False)
 
 
-# Checkpoint keys that are not part of the vision feature path, ignored on purpose.
-CLIP_IGNORED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "embeddings.position_ids")
-
-
 def clip_key(key):
-    """Checkpoint key -> our parameter name (None: ignore)."""
+    """Checkpoint key -> our parameter name, or None for keys off the vision feature path (ignored on purpose)."""
     key = key.removeprefix("vision_model.")
-    return None if key.startswith(CLIP_IGNORED) else key
+    ignored = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "embeddings.position_ids")
+    return None if key.startswith(ignored) else key
 
 
 if __name__ == "__main__":
