@@ -276,7 +276,7 @@ def llava_vision_path(config, folder, vision_path=None):
     return vision_path
 
 
-def llava_config(config, folder, vision_path, vision_dim):
+def from_llava_config(config, folder, vision_path, vision_dim):
     """QilinConfig's fields but the towers, from a LLaVA config.json (LLaMA's fields and `mm_*` ones)."""
     if config.get("mm_hidden_size", vision_dim) != vision_dim:
         raise CheckpointError(f"{vision_path}: vision tower width {vision_dim} does not match the "
@@ -286,7 +286,7 @@ def llava_config(config, folder, vision_path, vision_dim):
                 image_fit="pad" if config.get("image_aspect_ratio") == "pad" else "crop", style="release")
 
 
-def llava_hf_config(config, folder):
+def from_llava_hf_config(config, folder):
     """The same from a llava-hf config.json (the towers' own are its vision_config and text_config)."""
     if config.get("vision_feature_select_strategy", "default") != "default":
         raise CheckpointError(f"{folder}: vision_feature_select_strategy {config['vision_feature_select_strategy']!r} "

@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weights, detect_layout, llava_config,
-                        llava_hf_config, llava_vision_path, load_projector, read_config, read_weights, save_weights,
-                        table_key_map, write_config, write_output)
+from checkpoint import (LLAVA_HF_KEYS, LLAVA_KEYS, CheckpointError, assign_weights, detect_layout, from_llava_config,
+                        from_llava_hf_config, llava_vision_path, load_projector, read_config, read_weights,
+                        save_weights, table_key_map, write_config, write_output)
 from data import IMAGE_TOKEN_INDEX
 from llama import Llama, LlamaArgs, llama_key
 from vit import VisionArgs, VisionTransformer, clip_key
@@ -158,11 +158,12 @@ class QilinMedVL(nn.Module):
         elif layout == "llava":
             vision_path = llava_vision_path(cfg, path, vision_path)
             vision = VisionTransformer.from_pretrained(vision_path, dtype, device)
-            config = QilinConfig(**llava_config(cfg, path, vision_path, vision.args.dim), vision=vision.args,
+            config = QilinConfig(**from_llava_config(cfg, path, vision_path, vision.args.dim), vision=vision.args,
                                  llm=LlamaArgs.from_hf_config(cfg))
             key_map, what = table_key_map(LLAVA_KEYS, TOWER_KEYS), "LLaVA language model and projector"
         else:
-            config = QilinConfig(**llava_hf_config(cfg, path), vision=VisionArgs.from_hf_config(cfg["vision_config"]),
+            config = QilinConfig(**from_llava_hf_config(cfg, path),
+                                 vision=VisionArgs.from_hf_config(cfg["vision_config"]),
                                  llm=LlamaArgs.from_hf_config(cfg["text_config"]))
             key_map, what = table_key_map(LLAVA_HF_KEYS, TOWER_KEYS), "llava-hf model"
         with torch.device("meta"):
