@@ -54,8 +54,7 @@ with --deepspeed-config, e.g. {"csv_monitor": {"enabled": true, "output_path": "
 """
 
 
-def parse_args(argv=None):
-    """The command line, with the defaults filled in (demo, then paper; stage 2 takes stage 1's) and checked."""
+def arg_parser():
     demo = "\n".join(f"  stage {stage}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
                      for stage, values in DEMO.items())  # made from DEMO, so that --help cannot drift from it
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,6 +107,12 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --output and start afresh")
     g.add_argument("--log-sample-ids", action="store_true", help="record each step's sample ids in metrics.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher adds it
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with the defaults filled in (demo, then paper; stage 2 takes stage 1's) and checked."""
+    p = arg_parser()
     args = p.parse_args(argv)
     defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4)
     if args.demo:
