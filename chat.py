@@ -392,6 +392,11 @@ def parse_args(argv=None):
     return args
 
 
+def one_line(error):
+    """An error's message on one line (a checkpoint mismatch spans several), for a command's report."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -405,7 +410,7 @@ def main(argv=None):
             return 1  # it does not fit the context
         return 0
     except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback
-        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while loading or evaluating
         return 130

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from chat import load_model
+from chat import load_model, one_line
 from checkpoint import CheckpointError, save_weights, write_config, write_output
 from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
 
@@ -126,8 +126,7 @@ def main(argv=None):
         model, _ = load_model(args.model, args.vision)  # chat.py's checks: a stage-2 model, a tokenizer that fits
         write_output(args.output, lambda tmp: export_llava_hf(model, tmp, os.path.join(args.model, "tokenizer.model")))
     except (CheckpointError, ValueError, OSError) as e:
-        print("export.py: error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()),
-              file=sys.stderr)
+        print(f"export.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}")
     return 0
