@@ -339,45 +339,43 @@ def report(results, n_records, skipped, out):
     print(f"wrote {out} and {path}")
 
 
-def parse_args(argv=None):
-    """The checked flags, defaults filled in, `dtype` as a torch dtype, and `rng`, the seeded sampling generator."""
-    p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
+def add_model_flags(p):
+    """The flags that choose and load a model, shared by chat.py, evaluate.py and serve.py."""
     p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")
     p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
     p.add_argument("--demo", action="store_true", help=f"use the demo model, --model {DEMO_MODEL}")
-    p.add_argument("--question", help="answer this one question, print only the answer, and exit")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N", help="refuse larger images, "
                    "judged by the header (default 2**30, about a gigapixel: slides pass, decompression bombs do not)")
-    p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
-    p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
-    p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
-    p.add_argument("--batch-size", type=int, default=8, help="--eval: answers generated together")
-    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.2 in chat; 0 with --question and --eval, "
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="decode with a compiled, graph-captured "
+                   "step (default: on with CUDA, ~2x faster; off on CPU: a slower first answer for little gain)")
+
+
+def add_sampling_flags(p, greedy_default):
+    """How answers are drawn; `greedy_default` names when --temperature defaults to 0."""
+    p.add_argument("--temperature", type=float, help=f"0 is greedy (default 0.2 in chat; 0 {greedy_default}, "
                    "so scripts get the same answer every time)")
     p.add_argument("--top-p", type=float, default=0.9, help="sample from the smallest set with this much mass")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default 512 or what fits the context)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else float32")
     p.add_argument("--seed", type=int, help="seed for sampling (default: a random one)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="decode with a compiled, graph-captured "
-                   "step (default: on with CUDA, ~2x faster; off on CPU: a slower first answer for little gain)")
-    args = p.parse_args(argv)
+
+
+def check_args(p, args, greedy, checks=()):
+    """The shared flags checked (then `checks`, (bad, message) pairs), defaults filled in: `dtype` as a torch dtype,
+    `rng` the seeded sampling generator, temperature 0 when `greedy`. The first failure exits through p.error."""
     args.model = DEMO_MODEL if args.demo else args.model
     for bad, message in (  # the first that fails, before anything loads
-            (not args.model, "give --model DIR (or --demo)"),
-            (not args.eval and not args.images, "give an image (or --eval FILE)"),
-            (args.question is not None and not args.question.strip(), "--question is empty"),
+            (not args.model, "give --model DIR (or --demo)"), *checks,
             (args.max_image_pixels < 1, f"--max-image-pixels must be at least 1, not {args.max_image_pixels}"),
             (args.max_new_tokens is not None and args.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
-            (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}"),
             (not 0 < args.top_p <= 1, f"--top-p must be above 0 and at most 1, not {args.top_p}"),
             (not (args.temperature is None or args.temperature >= 0),
              f"--temperature must be 0 (greedy) or above, not {args.temperature}")):
         if bad:
             p.error(message)
     if args.temperature is None:
-        args.temperature = 0.0 if (args.eval or args.question is not None) else 0.2
+        args.temperature = 0.0 if greedy else 0.2
     cuda = args.device.startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -390,6 +388,24 @@ def parse_args(argv=None):
     else:
         args.rng.manual_seed(args.seed)
     return args
+
+
+def parse_args(argv=None):
+    """The checked flags, defaults filled in, `dtype` as a torch dtype, and `rng`, the seeded sampling generator."""
+    p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
+    add_model_flags(p)
+    p.add_argument("--question", help="answer this one question, print only the answer, and exit")
+    p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
+    p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
+    p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
+    p.add_argument("--batch-size", type=int, default=8, help="--eval: answers generated together")
+    add_sampling_flags(p, "with --question and --eval")
+    args = p.parse_args(argv)
+    return check_args(p, args, greedy=bool(args.eval or args.question is not None), checks=(
+        (not args.eval and not args.images, "give an image (or --eval FILE)"),
+        (args.question is not None and not args.question.strip(), "--question is empty"),
+        (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}")))
 
 
 def one_line(error):
