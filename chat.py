@@ -1,32 +1,23 @@
-"""Talk to Qilin-Med-VL about medical images, or score it on a VQA file: the inference of paper section 4.1
+"""Talk to Qilin-Med-VL about medical images: the inference of paper section 4.1
 (images concatenated into one as in section 3.3, prompts rendered by data.py exactly as training rendered them).
 Decoding: one prefill fills a static KV cache (llama.py), then each step feeds one token per row (gpt-fast's loop).
 Batches are left-padded, so every row's next token comes from the last column.
 
     python chat.py samples/images/chest_xray.png --demo            interactive, streamed
     python chat.py IMAGE --model DIR --question "这是什么影像？"   one answer on stdout
-    python chat.py --eval test.jsonl --model DIR --out answers.jsonl   batched scoring
 """
 
 import argparse
-import csv
 import functools
-import itertools
-import json
 import os
-import re
 import shlex
 import sys
-import warnings
-from collections import Counter, defaultdict
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_config
-from data import (IMAGE, MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages,
-                  build_conversation, expand_images, image_files, image_input, read_records, render)
+from data import (MAX_IMAGE_PIXELS, STAGE_TEMPLATE, ImageError, Tokenizer, build_conversation, expand_images, image_input,
+                  render)
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
@@ -201,144 +192,6 @@ def chat(model, tokenizer, pixels, args):
                 turns += [question, {"from": "gpt", "value": reply}]
 
 
-def pmc_vqa_to_records(csv_path):
-    """PMC-VQA's CSV (Figure_path, Question, Anwser [sic], Choice A..D, Answer_label) -> records listing the choices,
-    keeping choices and label for scoring; bad rows are skipped with a warning."""
-    records, bad = [], []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
-            cell = defaultdict(str, {k: (v or "").strip() for k, v in row.items() if k})  # a missing cell is None
-            choices = {x: re.sub(rf"^{x}:\s*", "", cell[f"Choice {x}"], flags=re.I)  # "A: text" -> "text"
-                       for x in "ABCD" if cell[f"Choice {x}"]}
-            figure, question, answer, label = (cell[k] for k in ("Figure_path", "Question", "Anwser", "Answer_label"))
-            if not (figure and question and answer) or label not in choices:
-                bad.append(f"row {row_number}: empty figure, question or answer, or label {label!r} not a choice")
-                continue
-            lines = "\n".join(f"{k}: {v}" for k, v in choices.items())
-            records.append({"id": f"pmc_vqa_{row_number}", "image": figure, "choices": choices, "answer_label": label,
-                            "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}\n{lines}"},
-                                              {"from": "gpt", "value": answer}], "caption": cell["Caption"]})
-    if bad:
-        warnings.warn(f"{csv_path}: skipped {len(bad)} malformed rows, e.g. {bad[0]}")
-    return records
-
-
-YES, NO = ("yes", "是", "是的", "对", "有"), ("no", "否", "不是", "不对", "不", "没有", "无")
-LEADING_LETTER = re.compile(r"[(（\[]?([A-D])\s*(?:$|[:：.)）\],，、])")  # "B", "(C)", "A: CT"; not "A chest"
-STATED_LETTER = re.compile(r"(?i:answer|option|choice|答案|选项|选择|选)\s*(?i:is|是|为)?\s*[:：]?\s*[(（]?([A-D])(?![A-Za-z])")
-
-
-def yes_no(text, strict=True):
-    """'yes', 'no' or None by whole words: "No, ..." is no, "normal" is not (LLaVA-Med's bug). strict (references):
-    a first clause that is a yes/no word; else (predictions) one starting so, or a lone "yes"/"no" anywhere."""
-    clause = re.split(r"[\s,.;:!?，。；：！？、]", text.strip().lower(), maxsplit=1)[0]
-    for word in NO + YES:  # negatives first: "不是" starts with "不", not "是"
-        if clause == word or (not strict and not word.isascii() and clause.startswith(word)):
-            return "no" if word in NO else "yes"
-    found = set() if strict else set(re.findall(r"\b(yes|no)\b", text.lower()))
-    return found.pop() if len(found) == 1 else None
-
-
-def choice_letter(prediction, choices):
-    """The letter a prediction picks from {"A": text, ...}: "(C) ...", "答案是B", else the one choice it quotes."""
-    text = prediction.strip()
-    m = LEADING_LETTER.match(text) or STATED_LETTER.search(text)
-    if m and m.group(1) in choices:
-        return m.group(1)
-    hits = sorted((len(v), k) for k, v in choices.items() if v and v.lower() in text.lower())  # the longest wins
-    return hits[-1][1] if hits and (len(hits) == 1 or hits[-1][0] > hits[-2][0]) else None
-
-
-def recall(prediction, reference):
-    """Share of the reference's tokens (Latin words, numbers, single CJK characters) the prediction contains."""
-    ref, pred = (Counter(re.findall(r"[0-9a-z\u00c0-\u024f]+|[^\W_]", t.lower())) for t in (reference, prediction))
-    return sum((ref & pred).values()) / sum(ref.values()) if ref else None
-
-
-def score(prediction, reference, record, turn):
-    """(kind, result): a multiple-choice first turn by its letter, a yes/no reference by yes or no, else recall."""
-    if turn == 0 and record.get("choices") and record.get("answer_label"):
-        return "multiple_choice", {"correct": choice_letter(prediction, record["choices"]) == record["answer_label"]}
-    if yes_no(reference) is not None:
-        return "yes_no", {"correct": yes_no(prediction, strict=False) == yes_no(reference)}
-    return "open", {"recall": recall(prediction, reference)}
-
-
-def record_questions(record, model, tokenizer, image_root, args, skipped):
-    """A record's questions: each gpt turn after its reference dialog; none if unusable, and `skipped` says why."""
-    try:
-        turns, paths = record["conversations"], [os.path.join(image_root, f) for f in image_files(record)]
-        pixels = load_pixels(paths, model, args.max_image_pixels) if paths else None
-        questions = []
-        for k in range(1, len(turns), 2):
-            prompt = prompt_ids(turns[:k], tokenizer, model.config.style, pixels is not None)
-            budget = room(model, prompt, args.max_new_tokens or 512)[0]  # as if alone, whatever it is batched with
-            if budget == 0:
-                skipped["answers_over_context"] += 1
-            else:
-                questions.append(dict(record=record, turn=k // 2, prompt=prompt, pixels=pixels, room=budget,
-                                      question=turns[k - 1]["value"], reference=turns[k]["value"]))
-        return questions
-    except ImageError:
-        skipped["records_missing_or_corrupt_image"] += 1
-    except TooManyImages:
-        skipped["records_too_many_images"] += 1
-    except (ValueError, KeyError, TypeError, AttributeError):  # not a record of alternating turns
-        skipped["records_malformed"] += 1
-    return []
-
-
-def evaluate(model, tokenizer, args):
-    """Answer every gpt turn of every record, batch_size at a time as the records are read (one batch of images in
-    memory); write one JSON line per answer, then report the metrics."""
-    records = pmc_vqa_to_records(args.eval) if args.eval.lower().endswith(".csv") else read_records(args.eval)
-    image_root = args.image_root or os.path.dirname(os.path.abspath(args.eval))
-    skipped, results = Counter(), []
-    # the progress bar only in a terminal (disable=None), so that a log holds the results and errors alone
-    progress = tqdm(records, desc="evaluating", unit="record", file=sys.stderr, disable=None)
-    questions = (q for r in progress for q in record_questions(r, model, tokenizer, image_root, args, skipped))
-    with open(args.out, "w", encoding="utf-8") as out:
-        while batch := list(itertools.islice(questions, args.batch_size)):  # reads records as far as this batch needs
-            # decoded for the largest room, each answer cut to its own; positions are per row, so batching changes none
-            pixels = [q["pixels"] for q in batch if q["pixels"] is not None]
-            answers = generate_batch(model, [q["prompt"] for q in batch], torch.cat(pixels) if pixels else None,
-                                     max(q["room"] for q in batch), tokenizer.eos_id, temperature=args.temperature,
-                                     top_p=args.top_p, rng=args.rng, compile=args.compile)
-            for q, ids in zip(batch, answers):
-                prediction = tokenizer.decode(ids[:q["room"]])
-                kind, result = score(prediction, q["reference"], q["record"], q["turn"])
-                results.append(dict(id=q["record"].get("id"), turn=q["turn"], question=q["question"],
-                                    reference=q["reference"], prediction=prediction, kind=kind, **result))
-                out.write(json.dumps(results[-1], ensure_ascii=False) + "\n")
-    if not results:  # rather than a table of dashes: why (the most common skip), and what to change
-        counts = ", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"
-        hint = {"records_missing_or_corrupt_image": f"image names are relative to {image_root}; see --image-root",
-                "records_too_many_images": f"a record takes at most {MAX_IMAGES} images",
-                "records_malformed": "a record needs 'conversations' of alternating human and gpt turns",
-                "answers_over_context": "the questions with the image's features are longer than the model's context",
-                }.get(skipped.most_common(1)[0][0] if skipped else None, "no record has a gpt turn to answer")
-        raise ValueError(f"{args.eval}: no answers from {len(records)} records (skipped: {counts}); {hint}")
-    report(results, len(records), skipped, args.out)
-
-
-def report(results, n_records, skipped, out):
-    """The metrics as a table on stdout and as JSON in STEM.metrics.json, beside the answers file `out`."""
-    m = {"records": n_records, "answers": len(results), "skipped": dict(skipped)}
-    print(f"{'metric':<28}{'n':>7}{'value':>9}")
-    for name, kind, field in (("multiple_choice_accuracy", "multiple_choice", "correct"),
-                              ("yes_no_accuracy", "yes_no", "correct"), ("open_recall", "open", "recall")):
-        values = [r[field] for r in results if r["kind"] == kind]
-        known = [v for v in values if v is not None]  # a reference without words has no recall
-        value = sum(known) / len(known) if known else None
-        m[name] = {"n": len(values), "value": value}
-        print(f"{name:<28}{len(values):>7}{'-' if value is None else f'{value:.3f}':>9}")
-    counts = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
-    print(f"{len(results)} answers from {n_records} records; skipped: {counts}")
-    path = Path(out).with_suffix(".metrics.json")
-    path.write_text(json.dumps(m, indent=2), encoding="utf-8")
-    print(f"wrote {out} and {path}")
-
-
 def add_model_flags(p):
     """The flags that choose and load a model, shared by chat.py, evaluate.py and serve.py."""
     p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")
@@ -392,20 +245,15 @@ def check_args(p, args, greedy, checks=()):
 
 def parse_args(argv=None):
     """The checked flags, defaults filled in, `dtype` as a torch dtype, and `rng`, the seeded sampling generator."""
-    p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images, or evaluate it.")
+    p = argparse.ArgumentParser(description="Chat with Qilin-Med-VL about medical images.")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
     add_model_flags(p)
     p.add_argument("--question", help="answer this one question, print only the answer, and exit")
-    p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
-    p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
-    p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
-    p.add_argument("--batch-size", type=int, default=8, help="--eval: answers generated together")
-    add_sampling_flags(p, "with --question and --eval")
+    add_sampling_flags(p, "with --question")
     args = p.parse_args(argv)
-    return check_args(p, args, greedy=bool(args.eval or args.question is not None), checks=(
-        (not args.eval and not args.images, "give an image (or --eval FILE)"),
-        (args.question is not None and not args.question.strip(), "--question is empty"),
-        (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}")))
+    return check_args(p, args, greedy=args.question is not None, checks=(
+        (not args.images, "give an image"),
+        (args.question is not None and not args.question.strip(), "--question is empty")))
 
 
 def one_line(error):
@@ -417,10 +265,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device)
-        pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)
-        if args.eval:
-            evaluate(model, tokenizer, args)
-        elif args.question is None:
+        pixels = load_pixels(args.images, model, args.max_image_pixels)
+        if args.question is None:
             chat(model, tokenizer, pixels, args)
         elif answer(model, tokenizer, [{"from": "human", "value": args.question}], pixels, args) is None:
             return 1  # it does not fit the context
@@ -428,7 +274,7 @@ def main(argv=None):
     except (CheckpointError, ImageError, ValueError, OSError) as e:  # bad input: one line, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # while loading or evaluating
+    except KeyboardInterrupt:  # while loading
         return 130
 
 

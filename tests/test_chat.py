@@ -1,5 +1,5 @@
 """chat.py: cached decoding, batching, parity with transformers' generate, the terminal chat,
-bad inputs, streaming of byte-fallback characters, and the VQA metrics.
+bad inputs, and streaming of byte-fallback characters (evaluation: test_evaluate.py).
 
 Tiny random models on the CPU, the real demo images and a real LLaMA-style tokenizer. The LLM's
 weights are drawn with a larger std than LLaMA's init (0.1, not 0.02) so that random models write
@@ -458,16 +458,6 @@ def stage1_output(tmp_path):
     return str(tmp_path / "stage1")
 
 
-def eval_file(tmp_path, records):
-    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
-    return ["--eval", str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "answers.jsonl")]
-
-
-def record(image, turns=("What is it?", "A chest X-ray.")):
-    return {"image": image, "conversations": [{"from": "human" if k % 2 == 0 else "gpt", "value": v}
-                                              for k, v in enumerate(turns)]}
-
-
 @pytest.mark.parametrize("case, expected", [
     ("missing image", "no such image file"),
     ("corrupt image", "corrupt or truncated"),
@@ -479,7 +469,6 @@ def record(image, turns=("What is it?", "A chest X-ray.")):
     ("image is a directory", "samples/images: is a directory, not an image file"),
     ("image over --max-image-pixels", "482x512 pixels is over the limit of 100000"),
     ("stage-1 output", "chat needs a stage-2 model. Stage 1's output is for train.py --stage 2 --stage1-output"),
-    ("eval that answers nothing", "records_missing_or_corrupt_image 2); image names are relative to"),
 ])
 def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, model_dir, case, expected):
     images, model, mode = [CHEST], ["--model", model_dir], ["--question", "What is it?"]
@@ -503,8 +492,6 @@ def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, model_dir, case, ex
         mode += ["--max-image-pixels", "100000"]
     elif case == "stage-1 output":
         model = ["--model", stage1_output(tmp_path)]
-    elif case == "eval that answers nothing":
-        images, mode = [], eval_file(tmp_path, [record("chest_xray.png"), record("head_ct.png")])  # not beside it
     result = run_cli(*images, *model, *mode, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -512,28 +499,16 @@ def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, model_dir, case, ex
     assert expected in result.stderr
 
 
-def test_a_stage1_output_is_refused_in_chat_question_and_eval(tmp_path, capsys):
+def test_a_stage1_output_is_refused_in_chat_and_question(tmp_path, capsys):
     """Stage 1 learned only to caption. Its folder loads as a whole model, so chat would answer
-    with garbage; every mode refuses it instead, and says what it is for."""
+    with garbage; every mode refuses it instead, and says what it is for (evaluate.py too: test_evaluate.py)."""
     folder = stage1_output(tmp_path)
     assert QilinMedVL.from_pretrained(folder).num_image_tokens == 64  # loadable: the refusal is chat's
-    for mode in ([CHEST], [CHEST, "--question", "What is it?"], eval_file(tmp_path, [record(CHEST)])):
+    for mode in ([CHEST], [CHEST, "--question", "What is it?"]):
         assert chat.main([*mode, "--model", folder]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"a stage-2 model. Stage 1's output is for train.py --stage 2 " \
                                           f"--stage1-output {folder}" in err
-
-
-@pytest.mark.parametrize("records, expected", [
-    ([{"id": 1}, "a string"], "(skipped: records_malformed 2); a record needs 'conversations' of alternating"),
-    ([record([CHEST] * 5)], "(skipped: records_too_many_images 1); a record takes at most 4 images"),
-    ([record(CHEST, ("What is it?",))], "(skipped: none); no record has a gpt turn to answer"),
-])
-def test_an_eval_that_answers_nothing_fails_and_says_why(tmp_path, model_dir, capsys, records, expected):
-    assert chat.main([*eval_file(tmp_path, records), "--model", model_dir]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no answers from {len(records)} records {expected}" in err
-    assert not (tmp_path / "answers.metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -549,115 +524,7 @@ def test_streaming_never_splits_a_character(tokenizer):
     assert chunks.count("") >= 4  # held back while a character was incomplete
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def test_yes_no_by_whole_words():
-    assert chat.yes_no("No, there is no fracture.") == "no"
-    assert chat.yes_no("yes") == "yes"
-    assert chat.yes_no("Normal") is None  # LLaVA-Med counted this as "no"
-    assert chat.yes_no("normal", strict=False) is None
-    assert chat.yes_no("Nodule in the left lung", strict=False) is None
-    assert chat.yes_no("There is no fracture.") is None  # a reference like this is an open answer
-    assert chat.yes_no("There is no fracture.", strict=False) == "no"
-    assert chat.yes_no("是") == "yes" and chat.yes_no("是的。") == "yes" and chat.yes_no("否") == "no"
-    assert chat.yes_no("不是。") == "no"
-    assert chat.yes_no("是的，可见骨折。", strict=False) == "yes"
-    assert chat.yes_no("没有明显异常。", strict=False) == "no"
-    assert chat.yes_no("胸部X光片。", strict=False) is None
-
-
-def test_choice_letter():
-    choices = {"A": "CT", "B": "MRI", "C": "CT angiography", "D": "Ultrasound"}
-    assert chat.choice_letter("B", choices) == "B"
-    assert chat.choice_letter("(C) CT angiography", choices) == "C"
-    assert chat.choice_letter("D: Ultrasound", choices) == "D"
-    assert chat.choice_letter("答案是B。", choices) == "B"
-    assert chat.choice_letter("The answer is C", choices) == "C"
-    assert chat.choice_letter("A chest radiograph would show it", choices) is None  # "A" the article
-    assert chat.choice_letter("It is an ultrasound image.", choices) == "D"
-    assert chat.choice_letter("This is CT angiography.", choices) == "C"  # contains "CT" too: the longer wins
-
-
-def test_recall():
-    assert chat.recall("a chest x-ray", "Chest X-ray") == 1.0
-    assert chat.recall("lung", "left lung nodule") == pytest.approx(1 / 3)
-    assert chat.recall("胸部CT", "胸部X光片") == pytest.approx(2 / 5)  # characters for Chinese; "x" a word
-    assert chat.recall("anything", "。") is None
-
-
-def test_pmc_vqa_csv(tmp_path):
-    header = "Figure_path,Caption,Question,Choice A,Choice B,Choice C,Choice D,Anwser,Answer_label\n"
-    rows = [
-        'PMC1_fig1.jpg,An axial CT.,What modality is shown?,A:CT, B:MRI, C:X-ray, D:Ultrasound,CT,A\n',
-        'PMC2_fig2.jpg,Hepatomegaly.,Which organ is enlarged?, A: Spleen , B: Liver ,C:Kidney,D:Heart,Liver,B\n',
-        'PMC3_fig3.jpg,,,A:Heart,B:Lung,C:Bone,D:Brain,Heart,E\n',  # no question, label E
-        'PMC4_fig4.jpg,Truncated row\n',
-    ]
-    (tmp_path / "pmc.csv").write_text(header + "".join(rows), encoding="utf-8")
-    with pytest.warns(UserWarning, match="skipped 2 malformed rows"):
-        records = chat.pmc_vqa_to_records(tmp_path / "pmc.csv")
-    assert len(records) == 2
-    first, second = records
-    assert first["image"] == "PMC1_fig1.jpg" and first["answer_label"] == "A"
-    assert first["conversations"][0]["value"] == (
-        "<image>\nWhat modality is shown?\nA: CT\nB: MRI\nC: X-ray\nD: Ultrasound")
-    assert first["conversations"][1] == {"from": "gpt", "value": "CT"}
-    assert second["choices"] == {"A": "Spleen", "B": "Liver", "C": "Kidney", "D": "Heart"}
-    assert second["choices"][second["answer_label"]] == second["conversations"][1]["value"]
-
-
-def test_eval_batches_match_one_by_one_and_bad_images_are_counted(tmp_path, model_dir):
-    records = json.loads((ROOT / "samples" / "stage2.json").read_text(encoding="utf-8"))
-    chosen = [r for r in records if r["id"].startswith(("chest_xray", "head_ct"))][:3]
-    assert sum(len(r["conversations"]) // 2 for r in chosen) >= 4  # multi-turn records among them
-    shutil.copy(IMAGES / "chest_xray.png", tmp_path)
-    shutil.copy(IMAGES / "head_ct.png", tmp_path)
-    corrupt_image(tmp_path)
-    chosen += [dict(chosen[0], id="missing", image="gone.png"), dict(chosen[0], id="corrupt", image="corrupt.png")]
-    chosen.append({"id": "mc", "image": "chest_xray.png", "choices": {"A": "X-ray", "B": "CT"}, "answer_label": "A",
-                   "conversations": [{"from": "human", "value": "<image>\nModality?\nA: X-ray\nB: CT"},
-                                     {"from": "gpt", "value": "X-ray"}]})
-    data = tmp_path / "test.jsonl"
-    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in chosen), encoding="utf-8")
-    outputs = []
-    for batch_size in (1, 4):
-        out = tmp_path / f"answers{batch_size}.jsonl"
-        assert chat.main(["--eval", str(data), "--model", model_dir, "--out", str(out),
-                          "--batch-size", str(batch_size), "--max-new-tokens", "8"]) == 0
-        outputs.append([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()])
-        metrics = json.loads((tmp_path / f"answers{batch_size}.metrics.json").read_text())
-        assert metrics["skipped"] == {"records_missing_or_corrupt_image": 2}
-        assert metrics["multiple_choice_accuracy"]["n"] == 1 and metrics["answers"] == len(outputs[-1])
-        assert metrics["yes_no_accuracy"]["n"] >= 1 and metrics["open_recall"]["n"] >= 1
-    assert outputs[0] == outputs[1]
-
-
-def test_a_long_prompt_does_not_shorten_the_other_answers_in_its_batch(tmp_path, tokenizer):
-    """Each answer gets the room its own prompt leaves in the context, whatever it is batched with."""
-    short, long = "What is it?", "Describe the image in detail, including every finding you can see in it."
-    shutil.copy(IMAGES / "chest_xray.png", tmp_path)
-    records = [{"id": name, "image": "chest_xray.png",
-                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A chest X-ray."}]}
-               for name, q in (("short", short), ("long", long))]
-    data = tmp_path / "test.json"
-    data.write_text(json.dumps(records), encoding="utf-8")
-    prompts = {q: chat.prompt_ids(question(q), tokenizer, "paper") for q in (short, long)}
-    model = tiny_model(max_seq_len=len(prompts[long]) - 1 + 64 + 3)  # the long prompt leaves room for 3 tokens
-    model.save_pretrained(tmp_path / "model", tokenizer=TOKENIZER)
-    assert [chat.room(model, prompts[q], 8)[0] for q in (short, long)] == [8, 3]
-    alone = chat.generate_batch(model, [prompts[short]], chat.load_pixels([CHEST], model), 8, tokenizer.eos_id)[0]
-    assert len(alone) > 3  # a cut at the long prompt's room would show
-    outputs = []
-    for batch_size in (1, 2):
-        out = tmp_path / f"answers{batch_size}.jsonl"
-        assert chat.main(["--eval", str(data), "--model", str(tmp_path / "model"), "--out", str(out),
-                          "--batch-size", str(batch_size), "--max-new-tokens", "8"]) == 0
-        outputs.append([json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()])
-    assert outputs[0] == outputs[1] and outputs[0][0] == tokenizer.decode(alone)
-
-
 @pytest.mark.parametrize("flags, expected", [
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--top-p", "0"], "--top-p must be above 0"),
     (["--top-p", "1.5"], "--top-p must be above 0"),
     (["--temperature", "-1"], "--temperature must be 0"),
