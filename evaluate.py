@@ -323,8 +323,9 @@ def report(answers, out, settings, skipped):
             cells.append(f"{cell.get('n', ''):>6}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>8}"
                                                             for v in values) + "  ")
         print((f"{group:<{width}}" + "".join(cells)).rstrip())
-    print("recall, acc: LLaVA-Med's rule; recall*, acc*: ours (words, Chinese by characters; yes/no by whole words); "
-          "exact: exact match")
+    if kinds != ["choice"]:
+        print("recall, acc: LLaVA-Med's rule; recall*, acc*: ours (words, Chinese by characters; yes/no by whole "
+              "words); exact: exact match; in percent")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
     path = Path(out).with_suffix(".metrics.json")
     path.write_text(json.dumps({**settings, "answers": len(answers), "skipped": dict(skipped), "groups": table},
@@ -401,7 +402,8 @@ def run(args):
     if not answers:
         raise nothing_answered(skipped, len(questions), image_root, args.data)
     report(answers, args.out, dict(
-        benchmark=args.benchmark, data=args.data, split=args.split, lang=args.lang, model=args.model,
+        benchmark=args.benchmark, data=args.data, split=args.split if args.benchmark in SPLITS else None,
+        lang=args.lang if args.benchmark == "slake" else None, model=args.model,
         style=model.config.style, prompts={"open": args.open_prompt, "closed": args.closed_prompt},
         sampling=dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                       seed=args.seed), questions=len(questions)), skipped)
