@@ -99,7 +99,8 @@ def read_slake(data, split, lang):
     questions = []
     for k, r in enumerate(load_json_list(path)):
         where = f"{path}: record {k}"
-        require(r, ("qid", "img_name", "question", "answer", "q_lang", "answer_type", "modality", "content_type"), where)
+        require(r, ("qid", "img_name", "question", "answer", "q_lang", "answer_type", "modality", "content_type"),
+                where)
         if lang in ("all", r["q_lang"]):
             questions.append(question(r["qid"], r["img_name"], r["question"], r["answer"], open_closed(r, where),
                                       lang=r["q_lang"], modality=r["modality"], content_type=r["content_type"]))
@@ -173,7 +174,7 @@ def read_our_records(path, skipped):
     questions = []
     for k, r in enumerate(read_records(path)):
         try:
-            turns, names = r["conversations"], image_files(r)
+            turns, names, asked = r["conversations"], image_files(r), []
             for t in range(1, len(turns), 2):
                 reference = turns[t]["value"]
                 kind = str(r.get("answer_type") or ("choice" if t == 1 and r.get("choices") and r.get("answer_label")
@@ -181,8 +182,9 @@ def read_our_records(path, skipped):
                 if kind not in ("open", "closed", "choice"):
                     raise TypeError(f"answer_type {kind!r}")
                 extra = {f: r[f] for f in ("choices", "answer_label", *GROUPS) if f in r}
-                questions.append(dict(id=f"{r.get('id', k)}:{t // 2}", image=names, turns=turns[:t], answer_type=kind,
-                                      question=turns[t - 1]["value"], reference=reference, **extra))
+                asked.append(dict(id=f"{r.get('id', k)}:{t // 2}", image=names, turns=turns[:t], answer_type=kind,
+                                  question=turns[t - 1]["value"], reference=reference, **extra))
+            questions += asked
         except (KeyError, TypeError, AttributeError):  # not a record of alternating turns
             skipped["records_malformed"] += 1
     return questions, Path(path).parent
@@ -238,7 +240,7 @@ def prepare(q, model, tokenizer, image_root, args, skipped):
 
 def answer_all(questions, done, model, tokenizer, image_root, args, out):
     """Answer every question `done` lacks, batch_size at a time (one batch of images in memory), appending a JSON
-    line per answer and flushing after each batch: a killed run loses the batch in flight, no more. Returns the skips."""
+    line per answer and flushing after each batch: a killed run loses the batch in flight, no more. Returns skips."""
     skipped = Counter()
     todo = (prepare(q, model, tokenizer, image_root, args, skipped) for q in questions if q["id"] not in done)
     ready = (x for x in todo if x is not None)
@@ -299,6 +301,8 @@ def read_answers(path):
         require(a, fields, f"{path} line {n}")
         if kind not in ("open", "closed", "choice"):
             raise ValueError(f"{path} line {n}: answer_type {a['answer_type']!r} is not open, closed or choice")
+        if kind == "choice" and not isinstance(a["choices"], dict):
+            raise ValueError(f"{path} line {n}: choices must be an object such as {{\"A\": \"CT\", \"B\": \"MRI\"}}")
         answers.append(a | {"answer_type": kind, "prediction": str(a["prediction"]), "reference": str(a["reference"])})
     return answers
 
@@ -312,7 +316,7 @@ def report(answers, out, settings, skipped):
     """The table on stdout, as papers lay it out (percent), and STEM.metrics.json beside the answers file `out`."""
     table = metrics(answers)
     kinds = [k for k in COLUMNS if any(k in row for row in table.values())]
-    width = max(len(g) for g in [*table, 'group']) + 2
+    width = max(len(g) for g in [*table, "group"]) + 2
     print(" " * width + "".join(f"{' ' + k + ' ':-^{6 + 8 * len(COLUMNS[k])}}  " for k in kinds).rstrip())
     print(f"{'group':<{width}}" + "  ".join(f"{'n':>6}" + "".join(f"{c:>8}" for c, _ in COLUMNS[k]) for k in kinds))
     for group, row in table.items():

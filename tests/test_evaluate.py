@@ -421,7 +421,8 @@ def test_each_benchmark_end_to_end(tmp_path, model_dir, capsys, name, writer, ro
     kinds = ["choice"] if name == "pmc-vqa" else ["open", "closed"]
     assert sorted(metrics["groups"]["all"]) == sorted(kinds) and metrics["skipped"] == {}
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == metrics["answers"] == metrics["questions"] == sum(metrics["groups"]["all"][k]["n"] for k in kinds)
+    counted = sum(metrics["groups"]["all"][k]["n"] for k in kinds)
+    assert len(lines) == metrics["answers"] == metrics["questions"] == counted
     assert len({a["id"] for a in lines}) == len(lines)
 
 
@@ -457,7 +458,8 @@ def test_a_long_prompt_does_not_shorten_the_other_answers_in_its_batch(tmp_path)
     short, long = "What is it?", "Describe the image in detail, including every finding you can see in it."
     (tmp_path / "chest_xray.png").write_bytes((IMAGES / "chest_xray.png").read_bytes())
     records = [{"id": name, "image": "chest_xray.png",
-                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A chest X-ray."}]}
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                  {"from": "gpt", "value": "A chest X-ray."}]}
                for name, q in (("short", short), ("long", long))]
     data = tmp_path / "test.json"
     data.write_text(json.dumps(records), encoding="utf-8")
