@@ -404,6 +404,7 @@ def run(args):
         skipped += answer_all(questions, done, model, tokenizer, image_root, args, out)
     answers = read_answers(args.out)
     if not answers:
+        os.remove(args.out)  # empty: nothing to keep, and a rerun should not be refused for it
         raise nothing_answered(skipped, len(questions), image_root, args.data)
     report(answers, args.out, dict(
         benchmark=args.benchmark, data=args.data, split=args.split if args.benchmark in SPLITS else None,

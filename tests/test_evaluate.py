@@ -587,7 +587,7 @@ def test_a_run_that_answers_nothing_fails_and_says_why(tmp_path, model_dir, caps
                           "--out", str(tmp_path / "answers.jsonl")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no answers from" in err and expected in err, err
-    assert not (tmp_path / "answers.metrics.json").exists()
+    assert not (tmp_path / "answers.metrics.json").exists() and not (tmp_path / "answers.jsonl").exists()
 
 
 @pytest.mark.parametrize("flags, expected", [
