@@ -157,6 +157,11 @@ def test_pathvqa_reads_the_release_pickles_closed_are_yes_no(tmp_path):
         ("yes", "closed"), ("the cells", "open"), ("no", "closed"), ("retina", "open")]
     assert questions[0]["image"] == ["test/test_0000.jpg"] and os.path.isfile(os.path.join(root, "test/test_0000.jpg"))
     assert len(read("pathvqa", folder, "val")[0]) == 1
+    hf = tmp_path / "path-vqa"  # the Hugging Face copy: parquet files, not read, and the error says so
+    (hf / "data").mkdir(parents=True)
+    (hf / "data" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match="holds parquet files .* which are not read: use the release's qas/"):
+        read("pathvqa", hf)
 
 
 class Payload:
