@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from attention_map import save_map
 from checkpoint import CheckpointError, read_config
 from data import (IMAGE, MAX_IMAGE_PIXELS, MAX_IMAGES, STAGE_TEMPLATE, ImageError, Tokenizer, TooManyImages,
                   build_conversation, expand_images, image_files, image_input, read_records, render)
@@ -53,9 +54,9 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
     return model, tokenizer
 
 
-def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS):
+def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS, frame=None):
     """1..4 image files -> one composite, fitted as the model was trained: (1, 3, S, S)."""
-    return image_input(paths, model.config.vision.image_size, model.config.image_fit, max_pixels)[None]
+    return image_input(paths, model.config.vision.image_size, model.config.image_fit, max_pixels, frame)[None]
 
 
 def prompt_ids(turns, tokenizer, style, has_image=True):
@@ -85,7 +86,8 @@ def compiled(llm):
 def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None,
              compile=False):
     """Yield every row's next token, (B,) per step, until all rows have ended or max_new_tokens; an ended row gets
-    eos_id. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S), their images in row order, or None."""
+    eos_id. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S), their images in row order, or None.
+    A caller may write eos_id into a row of the yielded tokens to end that row (serve.py: its client has gone)."""
     llm, device = model.llm, model.llm.lm_head.weight.device
     prompts = [expand_images(p, model.num_image_tokens) for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -105,8 +107,9 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         token = sample(logits, temperature, top_p, rng)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(ended, eos_id)
-            ended |= token == eos_id
         yield token
+        if eos_id is not None:
+            ended |= token == eos_id
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
         # one token per row into slot L + i, seeing the real slots up to L + i; logits (B, vocab) as the prefill's
@@ -158,6 +161,8 @@ def answer(model, tokenizer, turns, pixels, args):
         if token.item() != tokenizer.eos_id:  # EOS, if it comes, is the last step
             print(stream.push(token.item()), end="", flush=True)
     print(flush=True)
+    if args.attention:  # where the model looked: its attention over the image's patches, rerun only when asked
+        save_map(model, prompt, stream.ids, pixels, args.attention)
     return stream.text
 
 
@@ -396,6 +401,8 @@ def parse_args(argv=None):
     p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
     add_model_flags(p)
     p.add_argument("--question", help="answer this one question, print only the answer, and exit")
+    p.add_argument("--attention", metavar="PNG", help="--question: draw where the answer's attention went in the image")
+    p.add_argument("--frame", type=int, metavar="N", help="of a multi-frame DICOM file (0 first; default the middle)")
     p.add_argument("--eval", metavar="FILE", help="answer every record of a JSON/JSONL file or PMC-VQA CSV")
     p.add_argument("--out", default="answers.jsonl", help="--eval: answers file; metrics go to STEM.metrics.json")
     p.add_argument("--image-root", help="--eval: folder the records' image names are relative to (default: FILE's)")
@@ -405,6 +412,7 @@ def parse_args(argv=None):
     return check_args(p, args, greedy=bool(args.eval or args.question is not None), checks=(
         (not args.eval and not args.images, "give an image (or --eval FILE)"),
         (args.question is not None and not args.question.strip(), "--question is empty"),
+        (args.attention and args.question is None, "--attention needs --question"),
         (args.batch_size < 1, f"--batch-size must be at least 1, not {args.batch_size}")))
 
 
@@ -417,7 +425,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device)
-        pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels)
+        pixels = None if args.eval else load_pixels(args.images, model, args.max_image_pixels, args.frame)
         if args.eval:
             evaluate(model, tokenizer, args)
         elif args.question is None:
