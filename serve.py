@@ -84,7 +84,7 @@ class Worker(threading.Thread):
         super().__init__(daemon=True, name="model-worker")
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.waiting, self.lock = deque(), threading.Condition()
-        self.batches = self.requests = self.largest = 0  # counters for /health (and the tests)
+        self.batches = self.requests = self.largest = self.steps = 0  # for /health (and the tests)
 
     def submit(self, job):
         with self.lock:
@@ -132,6 +132,7 @@ class Worker(threading.Thread):
                               max(j.max_tokens for j in batch), first.temperature, first.top_p, eos,
                               first.rng or self.args.rng, self.args.compile)
         for token in steps:
+            self.steps += 1
             for row, (job, t) in enumerate(zip(batch, token.tolist())):  # one wait for the device per step
                 if job.done:
                     continue
@@ -299,7 +300,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":  # 200 once the model is loaded: the server listens only then
             w = s.worker
             self.send_json(200, {"status": "ok", "batches": w.batches, "requests": w.requests,
-                                 "largest_batch": w.largest, "waiting": len(w.waiting)})
+                                 "largest_batch": w.largest, "steps": w.steps, "waiting": len(w.waiting)})
         elif path == "/v1/models" and self.authorized():
             self.send_json(200, {"object": "list", "data": [{"id": s.args.served_model_name, "object": "model",
                                                               "created": s.started, "owned_by": "qilin-med-vl"}]})
