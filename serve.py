@@ -11,7 +11,8 @@ as chat.py renders it); one worker thread owns the model and decodes every reque
 as one left-padded batch (chat.generate), each row's tokens streamed to its own client as they come.
 
 Extensions, which OpenAI clients pass through `extra_body`: "attention_map": true adds, after the answer, where the
-model looked (attention_map.py) as a PNG data URL; /health counts the batches decoded.
+model looked (attention_map.py) as a PNG data URL; "ignore_eos": true (vLLM's) decodes max_tokens whatever comes, for
+benchmarks; /health counts the batches decoded.
 """
 
 import argparse
@@ -59,8 +60,8 @@ class Job:
     """One chat completion on its way through the worker: what to decode, and the queue its events come back on:
     ("token", id), ("end", finish_reason), ("attention", {...}), ("error", APIError)."""
 
-    def __init__(self, prompt, pixels, max_tokens, temperature, top_p, rng, attention):
-        self.prompt, self.pixels, self.max_tokens = prompt, pixels, max_tokens
+    def __init__(self, prompt, pixels, max_tokens, temperature, top_p, rng, attention, eos):
+        self.prompt, self.pixels, self.max_tokens, self.eos = prompt, pixels, max_tokens, eos
         self.temperature, self.top_p, self.rng, self.attention = temperature, top_p, rng, attention
         self.events, self.gone, self.ids, self.done = queue.Queue(), threading.Event(), [], False
 
@@ -68,8 +69,8 @@ class Job:
         """Requests decoded together must share their sampling: all greedy ones, or the same temperature and top_p
         (a seeded sampled request runs alone: its tokens must not depend on what it was batched with)."""
         if self.temperature == 0:
-            return "greedy"
-        return id(self) if self.rng is not None else (self.temperature, self.top_p)
+            return "greedy", self.eos
+        return id(self) if self.rng is not None else (self.temperature, self.top_p, self.eos)
 
     def finish(self, reason):
         self.done = True
@@ -126,7 +127,8 @@ class Worker(threading.Thread):
     def decode(self, batch):
         """One left-padded batch; a row ends at its EOS, at its own max_tokens, or when its client has gone: then
         eos is written into its token, which chat.generate reads as that row's end (all rows ended: it stops)."""
-        eos, first = self.tokenizer.eos_id, batch[0]
+        first = batch[0]
+        eos = first.eos  # None: "ignore_eos", every row runs to its max_tokens
         pixels = [j.pixels for j in batch if j.pixels is not None]
         steps = chat.generate(self.model, [j.prompt for j in batch], torch.cat(pixels) if pixels else None,
                               max(j.max_tokens for j in batch), first.temperature, first.top_p, eos,
@@ -145,7 +147,7 @@ class Worker(threading.Thread):
                     job.events.put(("token", t))
                     if len(job.ids) == job.max_tokens:
                         job.finish("length")
-                if job.done:
+                if job.done and eos is not None:
                     token[row] = eos
         for job in batch:
             if not job.done:
@@ -275,7 +277,8 @@ def make_job(body, model, tokenizer, args):
     rng = None
     if seed is not None and temperature > 0:
         rng = torch.Generator(args.device).manual_seed(seed % 2**64)
-    job = Job(prompt, pixels, budget, temperature, top_p, rng, bool(body.get("attention_map")))
+    eos = None if body.get("ignore_eos") else tokenizer.eos_id  # as vLLM's extension: fixed-length answers (benchmarks)
+    job = Job(prompt, pixels, budget, temperature, top_p, rng, bool(body.get("attention_map")), eos)
     job.prompt_tokens, job.stream = length, bool(body.get("stream"))
     job.usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
     return job
