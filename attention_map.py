@@ -41,8 +41,8 @@ def answer_attention(model, prompt, answer, pixel_values):
     def capture(attention, args):  # a forward pre-hook: args = (x, cos, sin, input_pos, mask), as DecoderLayer passes
         x, cos, sin = args[:3]
         B, T, _ = x.shape
-        q, k = (proj(x).view(B, T, -1, attention.head_dim).transpose(1, 2) for proj in (attention.q_proj, attention.k_proj))
-        q, k = apply_rope(q, cos, sin)[:, :, rows].float(), apply_rope(k, cos, sin).float()  # (1, H, R, hd), (1, Hkv, T, hd)
+        q, k = (p(x).view(B, T, -1, attention.head_dim).transpose(1, 2) for p in (attention.q_proj, attention.k_proj))
+        q, k = apply_rope(q, cos, sin)[:, :, rows].float(), apply_rope(k, cos, sin).float()  # (1,H,R,d), (1,Hkv,T,d)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query: head h reads kv head h // group
         scores = q @ k.transpose(-1, -2) / attention.head_dim ** 0.5  # (1, H, R, T)
         scores.masked_fill_(torch.arange(T, device=device) > rows[:, None], float("-inf"))  # causal

@@ -3,16 +3,15 @@
     python serve.py --model runs/stage2                              http://127.0.0.1:8000: the page and /v1
     python serve.py --model runs/stage2 --host 0.0.0.0 --api-key KEY   on a hospital network
 
-As LLaVA's release has a web demo in front of a model worker, and as vLLM and llama.cpp's server speak OpenAI's
-protocol (https://platform.openai.com/docs/api-reference/chat): POST /v1/chat/completions (streamed as server-sent
-events, `data: {chunk}` lines and `data: [DONE]`), GET /v1/models, GET /health. The standard library's threaded HTTP
-server parses and checks each request in its own thread (JSON, images, the prompt rendered by chat.prompt_ids exactly
-as chat.py renders it); one worker thread owns the model and decodes every request waiting at that moment together,
-as one left-padded batch (chat.generate), each row's tokens streamed to its own client as they come.
+LLaVA's release puts a web demo in front of a model worker; vLLM and llama.cpp's server speak OpenAI's protocol
+(https://platform.openai.com/docs/api-reference/chat): POST /v1/chat/completions, streamed as server-sent events
+(`data: {chunk}` lines, then `data: [DONE]`), GET /v1/models, GET /health. Each request is read and checked in its own
+thread (JSON, images, the prompt rendered by chat.prompt_ids as chat.py renders it); one worker thread owns the model
+and decodes all requests waiting at that moment as one left-padded batch (chat.generate), each row's tokens streamed
+to its own client as they come.
 
-Extensions, which OpenAI clients pass through `extra_body`: "attention_map": true adds, after the answer, where the
-model looked (attention_map.py) as a PNG data URL; "ignore_eos": true (vLLM's) decodes max_tokens whatever comes, for
-benchmarks; /health counts the batches decoded.
+Extensions (OpenAI clients pass them as `extra_body`): "attention_map": true adds where the answer looked
+(attention_map.py) as a PNG data URL; "ignore_eos": true (vLLM's) decodes max_tokens whatever comes, for benchmarks.
 """
 
 import argparse
@@ -45,7 +44,6 @@ PAGE = Path(__file__).resolve().with_name("serve.html")
 MEDIA_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/gif": ".gif",
                "image/bmp": ".bmp", "image/tiff": ".tif", "image/webp": ".webp", "application/dicom": ".dcm"}
 DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*);base64,(.*)", re.S)
-LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
 class APIError(Exception):
@@ -53,7 +51,7 @@ class APIError(Exception):
 
     def __init__(self, status, message, code=None, param=None, kind="invalid_request_error"):
         super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        self.reply = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class Job:
@@ -76,6 +74,14 @@ class Job:
         self.done = True
         self.events.put(("end", reason))
 
+    def __iter__(self):  # the events, as the worker sends them, until its None
+        while (event := self.events.get()) is not None:
+            yield event
+
+    def usage(self):  # OpenAI's token counts; the prompt's include the image's features, as the model reads them
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.ids),
+                "total_tokens": self.prompt_tokens + len(self.ids)}
+
 
 class Worker(threading.Thread):
     """The one thread that runs the model: it takes every waiting request with the first one's sampling (up to
@@ -85,14 +91,13 @@ class Worker(threading.Thread):
         super().__init__(daemon=True, name="model-worker")
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.waiting, self.lock = deque(), threading.Condition()
-        self.batches = self.requests = self.largest = self.steps = 0  # for /health (and the tests)
+        self.batches = self.requests = self.largest = self.steps = 0
 
     def submit(self, job):
         with self.lock:
             if len(self.waiting) >= self.args.max_queue:
-                raise APIError(503, f"the server is busy: {len(self.waiting)} requests are waiting (--max-queue "
-                               f"{self.args.max_queue}); try again shortly", code="server_overloaded",
-                               kind="server_error")
+                raise APIError(503, f"the server is busy: {len(self.waiting)} requests are waiting already "
+                               f"(--max-queue); try again shortly", code="server_overloaded", kind="server_error")
             self.waiting.append(job)
             self.lock.notify()
 
@@ -104,7 +109,7 @@ class Worker(threading.Thread):
             batch = [first] + [j for j in self.waiting if j.key() == first.key()][:self.args.max_batch - 1]
             for job in batch[1:]:
                 self.waiting.remove(job)
-            self.batches, self.requests = self.batches + 1, self.requests + len(batch)
+            self.batches, self.requests = self.batches + 1, self.requests + len(batch)  # for /health
             self.largest = max(self.largest, len(batch))
             return batch
 
@@ -127,8 +132,7 @@ class Worker(threading.Thread):
     def decode(self, batch):
         """One left-padded batch; a row ends at its EOS, at its own max_tokens, or when its client has gone: then
         eos is written into its token, which chat.generate reads as that row's end (all rows ended: it stops)."""
-        first = batch[0]
-        eos = first.eos  # None: "ignore_eos", every row runs to its max_tokens
+        first, eos = batch[0], batch[0].eos  # eos None: "ignore_eos", every row runs to its max_tokens
         pixels = [j.pixels for j in batch if j.pixels is not None]
         steps = chat.generate(self.model, [j.prompt for j in batch], torch.cat(pixels) if pixels else None,
                               max(j.max_tokens for j in batch), first.temperature, first.top_p, eos,
@@ -179,8 +183,7 @@ def image_bytes(part, k, args):
     """An image_url content part -> (media type, bytes), refusing all but a base64 data URL of bounded size."""
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
-    if not isinstance(url, str):
-        raise APIError(400, f"image {k}: an image_url part needs {{'image_url': {{'url': 'data:...'}}}}")
+    url = url if isinstance(url, str) else repr(url)
     if re.match(r"(?i)https?://", url):
         raise APIError(400, f"image {k}: image URLs are not fetched (this server reaches out to no one); send the "
                        f"image itself, as a base64 data URL (data:image/png;base64,...)", code="image_url_not_fetched")
@@ -238,17 +241,13 @@ def load_images(images, model, args):
     if not images:
         return None
     with tempfile.TemporaryDirectory(prefix="qilin-serve-") as folder:
-        paths = []
-        for k, (media, data) in enumerate(images, 1):
-            paths.append(os.path.join(folder, f"image{k}{MEDIA_TYPES[media]}"))
-            Path(paths[-1]).write_bytes(data)
+        paths = [os.path.join(folder, f"image{k}{MEDIA_TYPES[media]}") for k, (media, _) in enumerate(images, 1)]
+        for path, (_, data) in zip(paths, images):
+            Path(path).write_bytes(data)
         try:
             return chat.load_pixels(paths, model, args.max_image_pixels)
-        except ImageError as e:  # name the image by its place in the request, not by our temporary file
-            message = str(e)
-            for k, path in enumerate(paths, 1):
-                message = message.replace(path, f"image {k}")
-            raise APIError(400, message) from None
+        except ImageError as e:  # "image2.png: ...": named by its place in the request, not by our temporary folder
+            raise APIError(400, str(e).replace(folder + os.sep, "")) from None
 
 
 def make_job(body, model, tokenizer, args):
@@ -261,9 +260,7 @@ def make_job(body, model, tokenizer, args):
     if body.get("n", 1) != 1 or body.get("stop") not in (None, [], "") or body.get("tools") or body.get("logprobs"):
         raise APIError(400, "n other than 1, stop, tools and logprobs are not supported")
     temperature = number(body, "temperature", 0, 2, args.temperature)
-    top_p = number(body, "top_p", 0, 1, args.top_p)
-    if top_p == 0:
-        raise APIError(400, "'top_p' must be above 0", param="top_p")
+    top_p = number(body, "top_p", 1e-6, 1, args.top_p)  # above 0: top-p keeps at least one token anyway
     asked = number(body, "max_completion_tokens", 1, 10**6, number(body, "max_tokens", 1, 10**6, None, int), int)
     seed = number(body, "seed", -2**63, 2**64 - 1, None, int)
     turns, images = dialog(body.get("messages"), args)
@@ -274,9 +271,7 @@ def make_job(body, model, tokenizer, args):
         raise APIError(400, f"this model's context is {model.config.llm.max_seq_len} tokens; the dialog is {length} "
                        f"with the image's features{f', and {asked} more were asked for' if asked else ''}",
                        code="context_length_exceeded", param="messages")
-    rng = None
-    if seed is not None and temperature > 0:
-        rng = torch.Generator(args.device).manual_seed(seed % 2**64)
+    rng = torch.Generator(args.device).manual_seed(seed % 2**64) if seed is not None and temperature > 0 else None
     eos = None if body.get("ignore_eos") else tokenizer.eos_id  # as vLLM's extension: fixed-length answers (benchmarks)
     job = Job(prompt, pixels, budget, temperature, top_p, rng, bool(body.get("attention_map")), eos)
     job.prompt_tokens, job.stream = length, bool(body.get("stream"))
@@ -285,11 +280,6 @@ def make_job(body, model, tokenizer, args):
 
 
 # ----------------------------------------------------------------------------- the HTTP side
-
-def events(job):
-    while (event := job.events.get()) is not None:
-        yield event
-
 
 class Handler(BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer): read and check, hand the job to the worker, write back."""
@@ -301,18 +291,17 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self.send(200, s.page, "text/html; charset=utf-8")
         elif path == "/health":  # 200 once the model is loaded: the server listens only then
-            w = s.worker
-            self.send_json(200, {"status": "ok", "batches": w.batches, "requests": w.requests,
-                                 "largest_batch": w.largest, "steps": w.steps, "waiting": len(w.waiting)})
+            self.send_json(200, {"status": "ok", **{k: getattr(s.worker, k) for k in ("batches", "requests", "steps")},
+                                 "largest_batch": s.worker.largest, "waiting": len(s.worker.waiting)})
         elif path == "/v1/models" and self.authorized():
             self.send_json(200, {"object": "list", "data": [{"id": s.args.served_model_name, "object": "model",
                                                               "created": s.started, "owned_by": "qilin-med-vl"}]})
         elif path != "/v1/models":
-            self.send_error_json(APIError(404, f"no such page: {path}", code="not_found"))
+            self.send_json(*APIError(404, f"no such page: {path}", code="not_found").reply)
 
     def do_POST(self):
         if self.path.split("?")[0] != "/v1/chat/completions":
-            return self.send_error_json(APIError(404, f"no such endpoint: POST {self.path}", code="not_found"))
+            return self.send_json(*APIError(404, f"no such endpoint: POST {self.path}", code="not_found").reply)
         if not self.authorized():
             return
         s = self.server
@@ -321,19 +310,16 @@ class Handler(BaseHTTPRequestHandler):
             job = make_job(body, s.model, s.tokenizer, s.args)
             s.worker.submit(job)
         except APIError as e:
-            return self.send_error_json(e)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": s.args.served_model_name}
+            return self.send_json(*e.reply)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.args.served_model_name}
         self.stream(job, head) if job.stream else self.answer(job, head)
 
     def read_json(self, limit):
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise APIError(411, "a request body needs its Content-Length")
-        if int(length) > limit:
-            self.close_connection = True  # its body is not read
-            raise APIError(413, f"the request is {length} bytes, over the limit of {limit} (--max-request-bytes)")
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > limit:
+            self.close_connection = True  # its body is left unread
+            raise (APIError(411, "a request body needs its Content-Length") if not length.isdigit() else
+                   APIError(413, f"the request is {length} bytes, over the limit of {limit} (--max-request-bytes)"))
         try:
             return json.loads(self.rfile.read(int(length)).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -342,9 +328,9 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self, job, head):
         """Non-streamed: the whole answer in one chat.completion object."""
         stream, reason, extra = chat.TextStream(self.server.tokenizer), None, {}
-        for kind, value in events(job):
+        for kind, value in job:
             if kind == "error":
-                return self.send_error_json(value)
+                return self.send_json(*value.reply)
             if kind == "token":
                 stream.push(value)
             elif kind == "end":
@@ -353,17 +339,16 @@ class Handler(BaseHTTPRequestHandler):
                 extra["attention_map"] = value
         choice = {"index": 0, "message": {"role": "assistant", "content": stream.text}, "logprobs": None,
                   "finish_reason": reason}
-        self.send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": usage(job), **extra})
+        self.send_json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": job.usage(), **extra})
 
     def stream(self, job, head):
         """Streamed: server-sent events, one chat.completion.chunk per piece of text, then [DONE]. A client that has
         gone is noticed at the next write: its row is freed at the worker's next token."""
         self.send_response(200)
-        for name, value in (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
-                            ("Connection", "close")):
-            self.send_header(name, value)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Connection", "close")  # the stream ends when the connection does (no Content-Length)
         self.end_headers()
-        self.close_connection = True  # the stream ends when the connection does (no Content-Length)
+        self.close_connection = True
         text = chat.TextStream(self.server.tokenizer)
         extra = {"usage": None} if job.usage_in_stream else {}
 
@@ -373,7 +358,7 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             chunk({"role": "assistant", "content": ""})
-            for kind, value in events(job):
+            for kind, value in job:
                 if kind == "token" and (piece := text.push(value)):
                     chunk({"content": piece})
                 elif kind == "end":
@@ -381,14 +366,14 @@ class Handler(BaseHTTPRequestHandler):
                 elif kind == "attention":
                     chunk(attention_map=value)
                 elif kind == "error":
-                    self.event(value.body)  # as vLLM: an error in the stream, in OpenAI's shape
+                    self.event(value.reply[1])  # as vLLM: an error in the stream, in OpenAI's shape
             if job.usage_in_stream:
-                chunk(usage=usage(job))
+                chunk(usage=job.usage())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             job.gone.set()
-            for _ in events(job):  # let the worker finish with it
+            for _ in job:  # let the worker finish with it
                 pass
 
     def authorized(self):
@@ -397,16 +382,13 @@ class Handler(BaseHTTPRequestHandler):
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         if key is None or (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())):
             return True
-        self.send_error_json(APIError(401, "a valid API key is needed: send the header Authorization: Bearer KEY",
-                                      code="invalid_api_key"))
+        self.send_json(*APIError(401, "a valid API key is needed: send the header Authorization: Bearer KEY",
+                                 code="invalid_api_key").reply)
         return False
 
     def event(self, obj):
         self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
         self.wfile.flush()
-
-    def send_error_json(self, error):
-        self.send_json(error.status, error.body)
 
     def send_json(self, status, obj):
         self.send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
@@ -419,12 +401,6 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
-
-
-def usage(job):
-    """OpenAI's token counts; the prompt's include the image's features, as the model reads them."""
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.ids),
-            "total_tokens": job.prompt_tokens + len(job.ids)}
 
 
 def parse_args(argv=None):
@@ -445,8 +421,8 @@ def parse_args(argv=None):
         (args.host not in ("127.0.0.1", "localhost") and not args.api_key,
          f"--host {args.host} opens the server to the network: give --api-key KEY too"),
         (not 0 <= args.port < 65536, f"--port must be 0 to 65535, not {args.port}"),
-        (args.max_batch < 1 or args.max_queue < 1, "--max-batch and --max-queue must be at least 1"),
-        (min(args.max_request_bytes, args.max_image_bytes) < 1, "the byte limits must be at least 1")))
+        (min(args.max_batch, args.max_queue, args.max_request_bytes, args.max_image_bytes) < 1,
+         "--max-batch, --max-queue and the byte limits must be at least 1")))
 
 
 def main(argv=None):
@@ -465,10 +441,8 @@ def main(argv=None):
           f"http://{host}:{port}/v1 (model {args.served_model_name!r}). Ctrl-C stops.", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
+    except KeyboardInterrupt:  # Ctrl-C: a quiet stop
+        pass
     return 0
 
 

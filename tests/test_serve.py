@@ -156,7 +156,8 @@ def raw(base, body, headers=None, path="/v1/chat/completions"):
 
 
 def chat_body(*content, **fields):
-    return {"model": "qilin-med-vl", "max_tokens": 2, "messages": [{"role": "user", "content": list(content)}], **fields}
+    return {"model": "qilin-med-vl", "max_tokens": 2, "messages": [{"role": "user", "content": list(content)}],
+            **fields}
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": data_url(CHEST)}}
@@ -180,7 +181,7 @@ BAD = {  # name: (body, status, words of the message)
                            400, "text/plain is not an image"),
     "image bytes that are no image": (chat_body({"type": "image_url", "image_url": {
         "url": "data:image/png;base64," + base64.b64encode(b"no image here" * 9).decode()}}, TEXT), 400,
-        "image 1: not an image file"),
+        "image1.png: not an image file"),
     "five images": (chat_body(*[IMAGE] * 5, TEXT), 400, "more than 4 images"),
     "an http image URL": (chat_body({"type": "image_url", "image_url": {"url": "https://example.org/x.png"}}, TEXT),
                           400, "image URLs are not fetched"),
