@@ -107,8 +107,7 @@ class Worker(threading.Thread):
                 self.lock.wait()
             first = self.waiting.popleft()
             batch = [first] + [j for j in self.waiting if j.key() == first.key()][:self.args.max_batch - 1]
-            for job in batch[1:]:
-                self.waiting.remove(job)
+            self.waiting = deque(j for j in self.waiting if j not in batch)
             self.batches, self.requests = self.batches + 1, self.requests + len(batch)  # for /health
             self.largest = max(self.largest, len(batch))
             return batch
@@ -118,13 +117,14 @@ class Worker(threading.Thread):
             batch = self.take()
             try:
                 self.decode(batch)
+            except Exception as e:  # e.g. out of memory: these requests fail, the server goes on
+                error = APIError(500, f"the model failed on this batch: {chat.one_line(e)}", kind="server_error")
+                for job in batch:
+                    job.events.put(("error", error))
+            else:
                 for job in batch:
                     if job.attention and not job.gone.is_set():
                         job.events.put(("attention", self.attention(job)))
-            except Exception as e:  # e.g. out of memory: these requests fail, the server goes on
-                for job in batch:
-                    job.events.put(("error", APIError(500, f"the model failed on this batch: {chat.one_line(e)}",
-                                                      kind="server_error")))
             for job in batch:
                 job.events.put(None)  # nothing more comes for this job
 
@@ -158,11 +158,12 @@ class Worker(threading.Thread):
                 job.finish("length")
 
     def attention(self, job):
-        if job.pixels is None:
-            return {"error": "no image in this dialog, so no attention map"}
-        grid = image_grid(self.model, job.prompt, job.ids, job.pixels)
-        png = io.BytesIO()
-        draw(job.pixels[0], grid).save(png, format="PNG")
+        """Where the answer looked, for the page; a map that fails says why and leaves the answer as it was."""
+        try:  # a dialog without an image has none: image_grid says so
+            grid, png = image_grid(self.model, job.prompt, job.ids, job.pixels), io.BytesIO()
+            draw(job.pixels[0], grid).save(png, format="PNG")
+        except Exception as e:  # e.g. out of memory for the second forward
+            return {"error": f"no attention map: {chat.one_line(e)}"}
         return {"image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
                 "image_share": round(float(grid.sum()), 4), "grid": grid.tolist()}
 
@@ -182,8 +183,7 @@ def number(body, name, low, high, default, kind=(int, float)):
 def image_bytes(part, k, args):
     """An image_url content part -> (media type, bytes), refusing all but a base64 data URL of bounded size."""
     url = part.get("image_url")
-    url = url.get("url") if isinstance(url, dict) else url
-    url = url if isinstance(url, str) else repr(url)
+    url = str(url.get("url") if isinstance(url, dict) else url)
     if re.match(r"(?i)https?://", url):
         raise APIError(400, f"image {k}: image URLs are not fetched (this server reaches out to no one); send the "
                        f"image itself, as a base64 data URL (data:image/png;base64,...)", code="image_url_not_fetched")
@@ -349,8 +349,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # the stream ends when the connection does (no Content-Length)
         self.end_headers()
         self.close_connection = True
-        text = chat.TextStream(self.server.tokenizer)
-        extra = {"usage": None} if job.usage_in_stream else {}
+        text, extra = chat.TextStream(self.server.tokenizer), {"usage": None} if job.usage_in_stream else {}
 
         def chunk(delta=None, reason=None, **fields):
             choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]

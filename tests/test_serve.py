@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attention_map
 import chat
 from conftest import ROOT, free_port
 from test_chat import TOKENIZER, tiny_model
@@ -126,6 +127,22 @@ def test_multi_turn_dialog_with_two_images_is_rendered_as_chat_py_renders_it(cli
              {"from": "human", "value": "Is it normal?"}]
     reply = client.chat.completions.create(model="qilin-med-vl", messages=messages, temperature=0, max_tokens=12)
     assert reply.choices[0].message.content == expected(loaded, turns, [HEAD, BONE], 12)
+
+
+def test_the_attention_map_extension_is_the_map_attention_map_py_draws(client, loaded):
+    model, tokenizer = loaded
+    reply = client.chat.completions.create(model="qilin-med-vl", messages=[user(QUESTION, CHEST)], temperature=0,
+                                           max_tokens=8, extra_body={"attention_map": True}).model_dump()
+    pixels = chat.load_pixels([str(CHEST)], model)
+    prompt = chat.prompt_ids([{"from": "human", "value": QUESTION}], tokenizer, model.config.style)
+    grid = attention_map.image_grid(model, prompt, chat.generate_batch(model, [prompt], pixels, 8, tokenizer.eos_id)[0],
+                                   pixels)
+    got = reply["attention_map"]
+    torch.testing.assert_close(torch.tensor(got["grid"]), grid, atol=1e-6, rtol=0)
+    assert abs(got["image_share"] - float(grid.sum())) < 1e-4 and got["image"].startswith("data:image/png;base64,")
+    text_only = client.chat.completions.create(model="qilin-med-vl", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2, extra_body={"attention_map": True}).model_dump()
+    assert "no attention map" in text_only["attention_map"]["error"] and text_only["usage"]["completion_tokens"] == 2
 
 
 def test_eight_concurrent_clients_are_answered_in_fewer_batches(client, server, loaded):
