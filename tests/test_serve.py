@@ -135,8 +135,8 @@ def test_the_attention_map_extension_is_the_map_attention_map_py_draws(client, l
                                            max_tokens=8, extra_body={"attention_map": True}).model_dump()
     pixels = chat.load_pixels([str(CHEST)], model)
     prompt = chat.prompt_ids([{"from": "human", "value": QUESTION}], tokenizer, model.config.style)
-    grid = attention_map.image_grid(model, prompt, chat.generate_batch(model, [prompt], pixels, 8, tokenizer.eos_id)[0],
-                                   pixels)
+    answer = chat.generate_batch(model, [prompt], pixels, 8, tokenizer.eos_id)[0]
+    grid = attention_map.image_grid(model, prompt, answer, pixels)
     got = reply["attention_map"]
     torch.testing.assert_close(torch.tensor(got["grid"]), grid, atol=1e-6, rtol=0)
     assert abs(got["image_share"] - float(grid.sum())) < 1e-4 and got["image"].startswith("data:image/png;base64,")
