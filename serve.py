@@ -405,7 +405,7 @@ class Handler(BaseHTTPRequestHandler):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Serve Qilin-Med-VL: a web page at / and OpenAI's chat API at /v1.")
     chat.add_model_flags(p)
-    chat.add_sampling_flags(p, "for requests that set temperature 0")  # a request's own settings win
+    chat.add_sampling_flags(p, "in serve.py's answers unless a request sets its own")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (any but 127.0.0.1 needs --api-key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("QILIN_API_KEY"),
@@ -416,7 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="largest request body (default 64 MiB)")
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20, help="largest image file (default 20 MiB)")
     args = p.parse_args(argv)
-    return chat.check_args(p, args, greedy=False, checks=(
+    return chat.check_args(p, args, greedy=True, checks=(
         (args.host not in ("127.0.0.1", "localhost") and not args.api_key,
          f"--host {args.host} opens the server to the network: give --api-key KEY too"),
         (not 0 <= args.port < 65536, f"--port must be 0 to 65535, not {args.port}"),
