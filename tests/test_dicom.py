@@ -94,8 +94,7 @@ def test_chat_py_reads_a_frame_and_names_pydicom_when_it_is_missing(tmp_path):
                                "What is it?", "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
 
-    assert run(dose, "--frame", "3").returncode == 0
-    refused = run(dose, "--frame", "99")
+    refused = run(dose, "--frame", "99")  # the flag reaches the reader (frames themselves are tested above)
     assert refused.returncode == 1 and refused.stderr.strip() == (f"error: {dose}: frame 99 asked for, but the file "
                                                                   f"has 15 (0 to 14)")
     missing = run(MR, hide_pydicom=True)
