@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from attention_map import save_map
 from checkpoint import CheckpointError, read_config
 from data import (MAX_IMAGE_PIXELS, STAGE_TEMPLATE, ImageError, Tokenizer, build_conversation, expand_images, image_input,
                   render)
@@ -44,9 +45,9 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
     return model, tokenizer
 
 
-def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS):
+def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS, frame=None):
     """1..4 image files -> one composite, fitted as the model was trained: (1, 3, S, S)."""
-    return image_input(paths, model.config.vision.image_size, model.config.image_fit, max_pixels)[None]
+    return image_input(paths, model.config.vision.image_size, model.config.image_fit, max_pixels, frame)[None]
 
 
 def prompt_ids(turns, tokenizer, style, has_image=True):
@@ -76,7 +77,8 @@ def compiled(llm):
 def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, rng=None,
              compile=False):
     """Yield every row's next token, (B,) per step, until all rows have ended or max_new_tokens; an ended row gets
-    eos_id. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S), their images in row order, or None."""
+    eos_id. prompts: B lists of ids from data.render; pixel_values: (N, 3, S, S), their images in row order, or None.
+    A caller may write eos_id into a row of the yielded tokens to end that row (serve.py: its client has gone)."""
     llm, device = model.llm, model.llm.lm_head.weight.device
     prompts = [expand_images(p, model.num_image_tokens) for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -96,8 +98,9 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
         token = sample(logits, temperature, top_p, rng)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(ended, eos_id)
-            ended |= token == eos_id
         yield token
+        if eos_id is not None:
+            ended |= token == eos_id
         if i == max_new_tokens - 1 or bool(ended.all()):
             break
         # one token per row into slot L + i, seeing the real slots up to L + i; logits (B, vocab) as the prefill's
@@ -149,6 +152,8 @@ def answer(model, tokenizer, turns, pixels, args):
         if token.item() != tokenizer.eos_id:  # EOS, if it comes, is the last step
             print(stream.push(token.item()), end="", flush=True)
     print(flush=True)
+    if args.attention:  # where the model looked: its attention over the image's patches, rerun only when asked
+        save_map(model, prompt, stream.ids, pixels, args.attention)
     return stream.text
 
 
@@ -249,11 +254,14 @@ def parse_args(argv=None):
     p.add_argument("images", nargs="*", metavar="IMAGE", help="1 to 4 images, concatenated into one")
     add_model_flags(p)
     p.add_argument("--question", help="answer this one question, print only the answer, and exit")
+    p.add_argument("--attention", metavar="PNG", help="--question: draw where the answer's attention went in the image")
+    p.add_argument("--frame", type=int, metavar="N", help="of a multi-frame DICOM file (0 first; default the middle)")
     add_sampling_flags(p, "with --question")
     args = p.parse_args(argv)
     return check_args(p, args, greedy=args.question is not None, checks=(
         (not args.images, "give an image"),
-        (args.question is not None and not args.question.strip(), "--question is empty")))
+        (args.question is not None and not args.question.strip(), "--question is empty"),
+        (args.attention and args.question is None, "--attention needs --question")))
 
 
 def one_line(error):
@@ -265,7 +273,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device)
-        pixels = load_pixels(args.images, model, args.max_image_pixels)
+        pixels = load_pixels(args.images, model, args.max_image_pixels, args.frame)
         if args.question is None:
             chat(model, tokenizer, pixels, args)
         elif answer(model, tokenizer, [{"from": "human", "value": args.question}], pixels, args) is None:

@@ -22,6 +22,8 @@ import sentencepiece as spm
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dicom import is_dicom, read_dicom
+
 IMAGE = "<image>"  # the placeholder in text
 IMAGE_TOKEN_INDEX = -200  # LLaVA's id for it in input_ids (no vocabulary row): one per image, then one per feature
 IGNORE_INDEX = -100  # the label of a position that is not learned (cross_entropy's default ignore_index)
@@ -315,19 +317,26 @@ class TooManyImages(ValueError):
     """More images for one text than the composite takes (paper 3.3: the sample is excluded)."""
 
 
-def image_input(paths, size=336, mode="pad", max_pixels=MAX_IMAGE_PIXELS):
+def image_input(paths, size=336, mode="pad", max_pixels=MAX_IMAGE_PIXELS, frame=None):
     """1..4 image files of one sample -> one composite, fitted: (3, size, size). A large image is read with its
-    shorter side at 4 x size or a little more: enough for each output pixel, and all after decoding stays small."""
+    shorter side at 4 x size or a little more: enough for each output pixel, and all after decoding stays small.
+    frame: which frame of a multi-frame DICOM file (default its middle one)."""
     if len(paths) > MAX_IMAGES:  # before reading any of them
         raise TooManyImages(f"{len(paths)} images for one sample; at most {MAX_IMAGES} are concatenated")
-    return preprocess_image(concat_images([load_image(p, max_pixels, 4 * size) for p in paths]), size, mode)
+    return preprocess_image(concat_images([load_image(p, max_pixels, 4 * size, frame) for p in paths]), size, mode)
 
 
-def load_image(path, max_pixels=MAX_IMAGE_PIXELS, min_side=None):
-    """Any image file Pillow knows -> an upright 8-bit RGB image, or ImageError naming the file. min_side: read a
-    large image smaller, by the largest whole factor leaving its shorter side at least min_side; None keeps all."""
+def load_image(path, max_pixels=MAX_IMAGE_PIXELS, min_side=None, frame=None):
+    """Any image file Pillow knows, or a DICOM file (dicom.py) -> an upright 8-bit RGB image, or ImageError naming the
+    file. min_side: read a large image smaller, by the largest whole factor leaving its shorter side at least
+    min_side; None keeps all."""
     if not os.path.isfile(path):  # Pillow would call both corrupt
         raise ImageError(f"{path}: {'is a directory, not an' if os.path.isdir(path) else 'no such'} image file")
+    if str(path).lower().endswith(".dcm") or is_dicom(path):  # by name or by its DICM magic; pydicom only now
+        try:
+            return _to_rgb(read_dicom(path, max_pixels, frame))
+        except ValueError as e:
+            raise ImageError(f"{path}: {e}") from e
     try:
         with Image.open(path) as image:  # reads the header only
             if image.width * image.height > max_pixels:
