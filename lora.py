@@ -96,8 +96,8 @@ def add_flags(p):
                    "every LLM block instead of the whole LLM, which stays frozen (the --lr default becomes 2e-4)")
     g.add_argument("--lora-alpha", type=float, metavar="A", help="the update is scaled by alpha / R (default 2R, as LLaVA)")
     g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the LoRA input (default 0.05, as LLaVA)")
-    g.add_argument("--projector-lr", type=float, metavar="LR", help="the adapter's own lr, as LLaVA's mm_projector_lr (default "
-                   "2e-5 with --lora, else --lr)")
+    g.add_argument("--projector-lr", type=float, metavar="LR", help="the adapter's own lr, as LLaVA's "
+                   "mm_projector_lr (default 2e-5 with --lora, else --lr)")
 
 
 def check_args(p, args):

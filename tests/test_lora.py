@@ -185,7 +185,9 @@ def test_a_lora_run_where_a_whole_model_is_expected_and_the_reverse(saved_run, t
     for call, message in (
             (lambda: QilinMedVL.from_pretrained(out), "a LoRA run, not a whole model: chat.py loads it"),
             (lambda: read_stage1_config(str(out)), "not a stage-1 output .*'qilin_med_vl_lora'"),  # --stage1-output
-            (lambda: lora.base_folder(str(out)), "is a LoRA run .*, not a LLaMA folder"),  # --llm, train and chat
+            (lambda: train.build_model(train.parse_args(["--demo", "--stage", "1", "--vision", str(base / "vision"),
+                                                         "--llm", str(out)]), torch.float32),
+             "--llm .* is a LoRA run .*, not a LLaMA folder"),  # train.py's --llm, and chat's (below)
             (lambda: lora.base_folder(str(whole)), "is a Qilin-Med-VL output, not a LLaMA folder"),
             (lambda: chat.load_model(str(whole), llm=str(base / "llm")), "is for a LoRA run's base LLM")):
         with pytest.raises(CheckpointError, match=message):
@@ -249,6 +251,8 @@ def test_zero3_lora_trains_small_and_a_kill_and_resume_gives_the_same_losses(sta
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
     straight, again = (read_safetensors(str(d / "adapter_model.safetensors")) for d in (tmp_path / "straight", killed))
     assert all(torch.allclose(straight[k], again[k], atol=1e-6) for k in straight)
+    assert all(t.any() for k, t in straight.items() if ".lora_B." in k)  # gathered whole from ZeRO-3, and trained
+    chat.load_model(str(tmp_path / "straight"))
 
     proc = launch(*common, "--lora", 16, "--output", killed, "--resume", nproc=None, check=False)
     assert proc.returncode == 2 and "lora was 8, now 16" in proc.stderr and "Traceback" not in proc.stderr
