@@ -1,20 +1,21 @@
 """Memory of a LoRA training step against full tuning at the same shape, and what that means for 13B on one GPU.
 
-    python tests/bench_lora.py                 # on the CPU, fp32 (~1 minute on 2 cores)
+    python tests/bench_lora.py                 # on the CPU, fp32 (10-40 s on 2 cores)
     python tests/bench_lora.py --device cuda   # on a GPU, bf16
 
 The model is Qilin-Med-VL with an LLM of 13B's shape at 1/8 of its width (640 wide, MLP 1728, 5 heads of 128, as
 LLaMA-2-13B's 5120, 13824, 40 of 128) and 4 blocks; LoRA's rank is scaled alike (16 here stands for 128). For full
 tuning and for LoRA it prints the trained parameters, AdamW's state in bytes (read from the optimizer), and the peak
-memory of a training step (forward, backward with gradient checkpointing, AdamW) above the weights: on the CPU the
-resident-memory high-water mark (VmHWM, reset before the step; each configuration in a fresh process), on a GPU
-torch.cuda.max_memory_allocated.
+memory of one training step (forward, backward with gradient checkpointing, AdamW's first step, which allocates its
+state) above the weights: on the CPU the bytes of the tensors the step creates, counted as each is made and freed
+(PeakBytes; the resident size would mostly show malloc's caches), on a GPU torch.cuda.max_memory_allocated.
 
-Then 13B, from bytes counted rather than guessed: parameters from the shapes; what one LLM block keeps for its
-backward pass per token, counted with autograd's saved-tensor hooks at 1/8 and 1/4 width (the count doubles with
-the width, so 13B's is 8x the 1/8-width count); 16 bytes per trained parameter under mixed-precision AdamW (bf16
-weight and gradient, fp32 master copy and two moments: Rajbhandari et al. 2020, "ZeRO", section 3.1), 2 per frozen
-one. The same formula, applied to the bench's own shape, is printed beside the measured peak as a check.
+Then 13B, from bytes counted rather than guessed: the parameters of our modules built on `meta`; what one LLM block
+keeps for its backward pass per token, counted with autograd's saved-tensor hooks at 1/8 and 1/4 width (the count
+doubles with the width, so 13B's is 8x the 1/8-width count); 16 bytes per trained parameter under mixed-precision
+AdamW (bf16 weight and gradient, fp32 master copy and two moments: Rajbhandari et al. 2020, "ZeRO", section 3.1),
+2 per frozen one. The same formula, applied to the bench's own shape, is printed beside the measured peak as a check
+(an upper bound: it adds AdamW's state to the activations, which are freed before the state is allocated).
 """
 
 import argparse
