@@ -308,9 +308,9 @@ def start_deepspeed(model, args, world, device, total_steps):
 
 
 def train_step(engine, micro_batches, weight_grads, llm_args):
-    """One optimizer step: forward and backward of each micro-batch, then clipping and AdamW. The one wait
-    for the device is the sum over ranks before the update, to stop before a non-finite loss is applied.
-    Returns that sum: loss, micro-steps that learned something, tokens, FLOPs, dropped samples."""
+    """One optimizer step: forward and backward of each micro-batch, then clipping and AdamW. The one wait for the device
+    is the sum over ranks before the update, to stop before a non-finite loss is applied. Returns that sum: loss,
+    micro-steps that learned something, tokens, FLOPs (weight_grads: the LLM's, not in stage 1 or LoRA), dropped samples."""
     loss_sum = torch.zeros((), device=engine.device)
     counts = torch.zeros(4, dtype=torch.float64)  # micro-steps, tokens, FLOPs, dropped: known on the host
     for k, batch in enumerate(micro_batches):
