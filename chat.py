@@ -19,6 +19,7 @@ from attention_map import save_map
 from checkpoint import CheckpointError, read_config
 from data import (MAX_IMAGE_PIXELS, STAGE_TEMPLATE, ImageError, Tokenizer, build_conversation, expand_images, image_input,
                   render)
+import lora
 from model import QilinMedVL
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
@@ -26,18 +27,22 @@ HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /re
 /help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
 
 
-def load_model(folder, vision=None, dtype=torch.float32, device="cpu"):
-    """Any layout QilinMedVL.from_pretrained knows, plus the tokenizer.model that must sit beside it."""
+def load_model(folder, vision=None, dtype=torch.float32, device="cpu", llm=None):
+    """Any layout QilinMedVL.from_pretrained knows, or a LoRA run (merged at load; `llm`: its base, if moved), plus
+    the tokenizer.model that must sit beside it."""
     if not os.path.isdir(folder):
         hint = " (train the demo model first: torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2)"
         raise CheckpointError(f"{folder}: no such model folder" + (hint if folder == DEMO_MODEL else ""))
-    if read_config(folder).get("model_type") == "qilin_med_vl_projector":  # it loads, but can only caption
+    if (kind := read_config(folder).get("model_type")) == "qilin_med_vl_projector":  # it loads, but can only caption
         raise CheckpointError(f"{folder}: a stage-1 output (the adapter, trained only to caption images); chat needs "
                               f"a stage-2 model. Stage 1's output is for train.py --stage 2 --stage1-output {folder}")
+    if llm is not None and kind != lora.LORA_RUN:
+        raise CheckpointError(f"--llm {llm} is for a LoRA run's base LLM, but {folder} holds a whole model")
     tokenizer_path = os.path.join(folder, "tokenizer.model")
     if not os.path.isfile(tokenizer_path):
         raise CheckpointError(f"{folder}: no tokenizer.model (copy the LLM's SentencePiece tokenizer.model into it)")
-    model = QilinMedVL.from_pretrained(folder, vision_path=vision, dtype=dtype, device=device).eval()
+    model = (lora.load_run(folder, vision, llm, dtype, device) if kind == lora.LORA_RUN
+             else QilinMedVL.from_pretrained(folder, vision_path=vision, dtype=dtype, device=device)).eval()
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.llm.vocab_size:
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} pieces, but the model has only "
@@ -201,6 +206,7 @@ def add_model_flags(p):
     """The flags that choose and load a model, shared by chat.py, evaluate.py and serve.py."""
     p.add_argument("--model", help="model folder: ours, LLaVA's original layout, or llava-hf; holds tokenizer.model")
     p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
+    p.add_argument("--llm", help="a LoRA run's base LLaMA folder, if it has moved since training (--vision: its CLIP)")
     p.add_argument("--demo", action="store_true", help=f"use the demo model, --model {DEMO_MODEL}")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N", help="refuse larger images, "
                    "judged by the header (default 2**30, about a gigapixel: slides pass, decompression bombs do not)")
@@ -272,7 +278,7 @@ def one_line(error):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device)
+        model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device, args.llm)
         pixels = load_pixels(args.images, model, args.max_image_pixels, args.frame)
         if args.question is None:
             chat(model, tokenizer, pixels, args)

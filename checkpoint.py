@@ -335,6 +335,12 @@ def read_stage1_config(folder, projector=None):
 # A checkpoint is DeepSpeed's resumable state (engine, optimizer, scheduler, our step counters) and run.json,
 # the settings a resumed run must share; `checkpoints/latest` names the newest complete one.
 
+# What --resume must find unchanged in a checkpoint's run.json: data order, lr schedule, DeepSpeed's layout
+# (train.py adds lora.SETTINGS)
+RUN_SETTINGS = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size",
+                "grad_accum", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
+
+
 def latest_checkpoint(folder):
     """The tag `checkpoints/latest` points to, or None."""
     path = os.path.join(folder, "checkpoints", "latest")
@@ -378,8 +384,8 @@ def prepare_output(folder, overwrite, args):
 
 def save_checkpoint(engine, folder, state, run):
     """A resumable checkpoint under a new tag; `latest` moves to it only once every rank is done, and older
-    ones are deleted. Frozen weights are left out (a resume rebuilds them from the towers), and no random
-    state is saved: nothing in a step draws random numbers (data order and prompts are seeded by the epoch)."""
+    ones are deleted. Frozen weights are left out (a resume rebuilds them from the towers), and no random state is
+    saved: data order and prompts are seeded by the epoch, and train.py seeds each step (LoRA's dropout) by its number."""
     root, tag = os.path.join(folder, "checkpoints"), f"step-{state['step']:08d}"
     rank0 = dist.get_rank() == 0
     if rank0:

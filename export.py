@@ -17,7 +17,7 @@ import sys
 import torch
 
 from chat import load_model, one_line
-from checkpoint import CheckpointError, save_weights, write_config, write_output
+from checkpoint import CheckpointError, read_config, save_weights, write_config, write_output
 from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
 
 TO_LLAVA_HF_KEYS = (  # our name -> llava-hf's, as transformers 5's save_pretrained writes them
@@ -115,15 +115,19 @@ def chat_template(style, tokenizer):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a trained model in the llava-hf layout, for transformers and vLLM.")
-    p.add_argument("model", help="model folder chat.py loads (ours, or LLaVA's original layout with --vision), "
-                                 "with its tokenizer.model")
+    p.add_argument("model", help="model folder chat.py loads (ours, a LoRA run, merged here, or LLaVA's original "
+                                 "layout with --vision), with its tokenizer.model")
     p.add_argument("output", help="the llava-hf folder to write (new or empty)")
     p.add_argument("--vision", help="CLIP ViT folder, for a checkpoint in the original LLaVA layout")
+    p.add_argument("--llm", help="a LoRA run's base LLaMA folder, if it has moved since training")
     args = p.parse_args(argv)
     if os.path.isdir(args.output) and os.listdir(args.output):
         p.error(f"{args.output} is not empty; choose a new folder")
     try:
-        model, _ = load_model(args.model, args.vision)  # chat.py's checks: a stage-2 model, a tokenizer that fits
+        if os.path.isdir(args.model) and read_config(args.model).get("model_type") == "qilin_med_vl_projector":
+            raise CheckpointError(f"{args.model}: a stage-1 output (the adapter alone); export needs a stage-2 model "
+                                  f"(train.py --stage 2, in full or with --lora)")
+        model, _ = load_model(args.model, args.vision, llm=args.llm)  # a stage-2 model, a tokenizer that fits
         write_output(args.output, lambda tmp: export_llava_hf(model, tmp, os.path.join(args.model, "tokenizer.model")))
     except (CheckpointError, ValueError, OSError) as e:
         print(f"export.py: error: {one_line(e)}", file=sys.stderr)

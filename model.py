@@ -77,6 +77,7 @@ class QilinMedVL(nn.Module):
         self.vision.requires_grad_(False)
         self.projector.requires_grad_(True)
         self.llm.requires_grad_(stage == 2)
+        return self
 
     def encode_images(self, pixel_values):
         """(N, 3, S, S) -> (N, num_patches, llm_dim). The ViT is frozen: no autograd through it."""
@@ -148,6 +149,9 @@ class QilinMedVL(nn.Module):
         """Load our layout, stage 1's output (the towers from the folders it records), the authors'
         LLaVA release (CLIP from vision_path or config `mm_vision_tower`) or llava-hf."""
         cfg = read_config(path)
+        if cfg.get("model_type") == "qilin_med_vl_lora":  # lora.py's: the LoRA weights, the base elsewhere
+            raise CheckpointError(f"{path}: a LoRA run, not a whole model: chat.py loads it (chat.load_model), "
+                                  f"export.py merges it into one")
         if cfg.get("model_type") == "qilin_med_vl_projector":
             return cls.from_parts(QilinConfig.from_dict(cfg), vision_path or cfg["vision_path"], cfg["llm_path"],
                                   path, dtype, device)

@@ -30,10 +30,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_output_folder, check_resume, latest_checkpoint, prepare_output,
-                        read_config, read_stage1_config, resume, save_checkpoint)
+from checkpoint import (RUN_SETTINGS, CheckpointError, check_output_folder, check_resume, latest_checkpoint,
+                        prepare_output, read_config, read_stage1_config, resume, save_checkpoint)
 from data import MAX_IMAGE_PIXELS, SAMPLES, ChiMedDataset, Tokenizer, collate, length_grouped_batches
 import llama
+import lora
 from llama import LlamaArgs
 from model import QilinConfig, QilinMedVL
 from vit import VisionArgs
@@ -45,9 +46,6 @@ DEMO = {1: dict(batch_size=4, lr=2e-3, epochs=10, zero=2, num_workers=0, max_len
         2: dict(batch_size=4, lr=1e-3, epochs=60, zero=3, num_workers=0, max_length=512, warmup_ratio=0.1,
                 output="runs/demo-stage2", stage1_output="runs/demo-stage1")}
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A800": 312, "L40S": 362}  # dense bf16, by datasheet
-# What --resume must find unchanged in a checkpoint's run.json: data order, lr schedule, DeepSpeed's layout
-RUN_SETTINGS = ("stage", "zero", "precision", "max_length", "style", "projector", "image_fit", "batch_size",
-                "grad_accum", "epochs", "max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "seed")
 EPILOG = """
 metrics.jsonl: one line per optimizer step (the README lists its fields). DeepSpeed's own monitors are switched on
 with --deepspeed-config, e.g. {"csv_monitor": {"enabled": true, "output_path": "runs/csv", "job_name": "stage2"}}
@@ -59,6 +57,7 @@ def arg_parser():
                      for stage, values in DEMO.items())  # made from DEMO, so that --help cannot drift from it
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"\n--demo defaults (data and images from samples/):\n{demo}\n{EPILOG}")
+    p.error = fail  # a bad flag: one line, and under torchrun its error file too, not the usage once per rank
     p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: the adapter learns (feature alignment); "
                    "2: the adapter and the LLM (instruction tuning)")
     p.add_argument("--demo", action="store_true", help="tiny random towers, samples/ data, CPU-sized defaults (below)")
@@ -106,6 +105,7 @@ def arg_parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --output and start afresh")
     g.add_argument("--log-sample-ids", action="store_true", help="record each step's sample ids in metrics.jsonl")
+    lora.add_flags(p)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher adds it
     return p
 
@@ -114,7 +114,8 @@ def parse_args(argv=None):
     """The command line, with the defaults filled in (demo, then paper; stage 2 takes stage 1's) and checked."""
     p = arg_parser()
     args = p.parse_args(argv)
-    defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4)
+    defaults = dict(PAPER[args.stage], epochs=1, warmup_ratio=0.03, max_length=2048, num_workers=4,
+                    **lora.check_args(p, args))  # --lora's checks, and its lr default (LLaVA's), below the demo's
     if args.demo:
         defaults.update(DEMO[args.stage], data=str(SAMPLES / f"stage{args.stage}.json"), image_root=str(SAMPLES / "images"))
     for key, value in defaults.items():
@@ -198,7 +199,7 @@ def build_model(args, dtype, device=None):
     else:
         if args.vision is None or args.llm is None:
             raise CheckpointError("no --vision / --llm folder given, and stage 1 recorded none")
-        tokenizer = os.path.join(args.llm, "tokenizer.model")
+        tokenizer = os.path.join(lora.base_folder(args.llm), "tokenizer.model")  # not a LoRA run, not a whole model
         vision, llm = VisionArgs.from_hf_config(read_config(args.vision)), LlamaArgs.from_hf_config(read_config(args.llm))
     config = QilinConfig(projector=args.projector, image_fit=args.image_fit, style=args.style, vision=vision, llm=llm)
     torch.manual_seed(args.seed)  # random parts (the adapter; the demo's towers) are the same on every rank
@@ -226,7 +227,7 @@ def load_everything(args, dtype, device):
         if len(dataset) == 0:
             hint = f" (are the images under --image-root {args.image_root}?)" if dataset.skipped["missing_image"] else ""
             raise ValueError(f"no sample to train on: {dataset.report()}{hint}")
-        run = dict({k: getattr(args, k) for k in RUN_SETTINGS}, world_size=int(os.environ["WORLD_SIZE"]),
+        run = dict({k: getattr(args, k) for k in RUN_SETTINGS + lora.SETTINGS}, world_size=int(os.environ["WORLD_SIZE"]),
                    data=os.path.abspath(args.data), samples=len(dataset))
         if args.resume:
             check_resume(args.output, run)
@@ -295,21 +296,21 @@ def start_deepspeed(model, args, world, device, total_steps):
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
     with contextlib.redirect_stdout(io.StringIO()) if not rank_zero() else contextlib.nullcontext():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # its notes: once
-    model.set_trainable(args.stage)
+    lora.apply(model.set_trainable(args.stage), args)  # with --lora: the LLM frozen, LoRA pairs added
     model.llm.gradient_checkpointing = args.gradient_checkpointing
     llama.fuse_pointwise(args.compile)
     schedule = partial(warmup_cosine, warmup_steps=math.ceil(args.warmup_ratio * total_steps), total_steps=total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model, model_parameters=lora.param_groups(model, args),
         config=deepspeed_config(args, world, device.type == "cuda", model.config.llm),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule))
     return engine, scheduler
 
 
-def train_step(engine, micro_batches, stage, llm_args):
-    """One optimizer step: forward and backward of each micro-batch, then clipping and AdamW. The one wait
-    for the device is the sum over ranks before the update, to stop before a non-finite loss is applied.
-    Returns that sum: loss, micro-steps that learned something, tokens, FLOPs, dropped samples."""
+def train_step(engine, micro_batches, weight_grads, llm_args):
+    """One optimizer step: forward and backward of each micro-batch, then clipping and AdamW. The one wait for the device
+    is the sum over ranks before the update, to stop before a non-finite loss is applied. Returns that sum: loss,
+    micro-steps that learned something, tokens, FLOPs (weight_grads: the LLM's, not in stage 1 or LoRA), dropped samples."""
     loss_sum = torch.zeros((), device=engine.device)
     counts = torch.zeros(4, dtype=torch.float64)  # micro-steps, tokens, FLOPs, dropped: known on the host
     for k, batch in enumerate(micro_batches):
@@ -320,7 +321,7 @@ def train_step(engine, micro_batches, stage, llm_args):
             engine.step()  # DeepSpeed counts micro-steps; only the last one of an accumulation updates
         loss_sum += loss.detach()
         counts += torch.tensor([len(batch["loss_positions"]) > 0, sum(batch["lengths"]),
-                                llm_args.step_flops(batch["lengths"], len(batch["loss_positions"]), stage == 2),
+                                llm_args.step_flops(batch["lengths"], len(batch["loss_positions"]), weight_grads),
                                 batch["n_dropped"]], dtype=torch.float64)
     totals = torch.cat([loss_sum.double()[None], counts.to(engine.device)])
     dist.all_reduce(totals)  # NCCL reduces GPU tensors only
@@ -349,9 +350,8 @@ class Metrics:
         record = dict(step=step, epoch=round(epoch, 4), loss=loss, lr=lr, tokens=int(tokens),
                       tokens_per_s=round(tokens / dt, 1), skipped=self.skipped + dropped, mfu=mfu)
         if self.log_ids:
-            record["ids"] = [None] * self.world
-            dist.all_gather_object(record["ids"], ids)  # every rank's list
-            record["ids"] = sum(record["ids"], [])
+            dist.all_gather_object(every := [None] * self.world, ids)  # every rank's list
+            record["ids"] = sum(every, [])
         if rank_zero():
             with open(self.path, "a") as f:
                 print(json.dumps(record, ensure_ascii=False), file=f)
@@ -395,7 +395,8 @@ def main(argv=None):
             for _ in range(state["micro_done"] // args.grad_accum, len(batches) // args.grad_accum):
                 micro_batches = [next(loader) for _ in range(args.grad_accum)]
                 lr = scheduler.get_last_lr()[0]
-                totals = train_step(engine, micro_batches, args.stage, model.config.llm)
+                torch.manual_seed(args.seed + state["step"] * world + rank)  # LoRA dropout: a resumed step draws alike
+                totals = train_step(engine, micro_batches, args.stage == 2 and not args.lora, model.config.llm)
                 state["step"], state["micro_done"] = state["step"] + 1, state["micro_done"] + args.grad_accum
                 state["dropped"] += int(totals[4])
                 metrics.log(totals, state["step"], state["epoch"] + state["micro_done"] / len(batches), lr,
@@ -415,11 +416,13 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every worker)
         stopped(args, state)
     metrics.bar.close()
-    towers = None if args.stage == 1 and args.vision is None else (args.vision, args.llm)  # None: the demo's
-    model.save_trained(args.output, args.stage, towers, tokenizer_path, zero3=args.zero == 3)
-    log(f"wrote the stage-{args.stage} {'adapter' if args.stage == 1 else 'model'} to {args.output} after "
-        f"{state['step']} steps; {state['dropped']} samples dropped while training (an unreadable image, "
-        f"or too long with that epoch's prompt)")
+    if args.lora:  # the LoRA weights and the adapter only: the base stays in the folders the run records
+        lora.save_run(model, args, tokenizer_path, zero3=args.zero == 3)
+    else:  # stage 1's towers: their folders, or None for the demo's random ones
+        model.save_trained(args.output, args.stage, args.vision and (args.vision, args.llm), tokenizer_path, args.zero == 3)
+    log(f"wrote the stage-{args.stage} {'LoRA run' if args.lora else 'adapter' if args.stage == 1 else 'model'} to "
+        f"{args.output} after {state['step']} steps; {state['dropped']} samples dropped while training (an "
+        f"unreadable image, or too long with that epoch's prompt)")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -240,7 +240,7 @@ def real_step(args, stage, zero, compile, batch_size, device, peak):
             batch = batches[i % len(batches)]
             sync(device)
             t = time.perf_counter()
-            train.train_step(engine, [batch], stage, config.llm)  # waits for the device once, at the end
+            train.train_step(engine, [batch], stage == 2, config.llm)  # waits for the device once, at the end
             times.append(time.perf_counter() - t)
             tokens.append(sum(batch["lengths"]))
             flops.append(config.llm.step_flops(batch["lengths"], len(batch["loss_positions"]), stage == 2))

@@ -278,6 +278,8 @@ def test_export_command_refuses_what_it_cannot_write(model_dir, tmp_path):
     result = run_cli(model_dir, tmp_path / "out", script="export.py")  # the paper's linear adapter
     assert result.returncode == 1 and "export.py: error: export_llava_hf needs projector='mlp2x_gelu'" in result.stderr
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == ["taken"]  # nothing half-written
+    result = run_cli(stage1_output(tmp_path), tmp_path / "out", script="export.py")
+    assert result.returncode == 1 and "export needs a stage-2 model" in result.stderr and "chat needs" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -496,6 +496,16 @@ def test_concat_layouts():
         concat_images([])
 
 
+def test_concat_tie_goes_side_by_side():
+    """Equal squares make a composite as elongated either way (w/h 2 or 1/2): the tie is broken towards side by
+    side, each image at its own size, in order."""
+    a, b = (Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (10, 200))
+    pair = concat_images([a, b])
+    assert pair.size == (128, 64)
+    assert np.all(np.asarray(pair)[:, :64] == 10) and np.all(np.asarray(pair)[:, 64:] == 200)
+    assert concat_images([a, b, a, b]).size == (256, 64)
+
+
 # ----------------------------------------------------------------------------- dataset
 
 @pytest.fixture

@@ -16,7 +16,10 @@ from checkpoint import CheckpointError
 from llama import Llama, LlamaArgs
 from vit import VisionArgs, VisionTransformer
 
-TOL = 1e-4
+TOL = 1e-4  # for results computed two ways (a KV cache against full forwards)
+# Parity with transformers is exact: on the CPU in fp32 the same operations give the same floats, and any tolerance
+# would hide a near miss (a tanh-approximate GELU, a norm's eps off by a little)
+EXACT = 0.0
 
 
 def save_bin_shards(model, folder, n_shards=2):
@@ -67,7 +70,7 @@ def test_clip_vision_model_parity(tmp_path, layout, image_size, patch_size):
         for layer in (-2, -1, 1):
             diff = (ours(pixels, select_layer=layer) - hidden[layer][:, 1:]).abs().max().item()
             print(f"vit {layout} {image_size}/{patch_size} layer {layer}: max |diff| {diff:.2e}")
-            assert diff < TOL
+            assert diff <= EXACT
     assert ours(pixels).shape == (2, (image_size // patch_size) ** 2, 48)
 
 
@@ -87,7 +90,7 @@ def test_full_clip_model_parity(tmp_path):
         ref = hf.vision_model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         diff = (ours(pixels) - ref).abs().max().item()
     print(f"CLIPModel vision features: max |diff| {diff:.2e}")
-    assert diff < TOL
+    assert diff <= EXACT
 
 
 def test_vision_args_defaults_from_sparse_config():
@@ -131,7 +134,7 @@ def test_llama_parity(tmp_path, name, layout):
     with torch.no_grad():
         diff = (ours(ids) - hf(ids).logits).abs().max().item()
     print(f"llama {name} {layout}: max |logit diff| {diff:.2e}")
-    assert diff < TOL
+    assert diff <= EXACT
 
 
 def test_llama_config_variants():
@@ -160,7 +163,7 @@ def test_llama_inputs_embeds_and_backward_match(tmp_path):
         grad = dict(ours.named_parameters())[name].grad
         diff = ((grad - ref.grad).abs().max() / ref.grad.abs().max()).item()
         print(f"grad {name}: max relative diff {diff:.2e}")
-        assert diff < TOL
+        assert diff <= EXACT
 
 
 def test_kv_cache_rollout_equals_full_forwards(tmp_path):

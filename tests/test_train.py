@@ -272,6 +272,20 @@ def test_help_and_deepspeed_config(capsys, tmp_path):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 100), (7, 21), (1, 2), (0, 1)])
+def test_warmup_cosine_is_transformers_schedule_step_by_step(warmup, total):
+    """The lr multiplier at every step of the run equals transformers' get_cosine_schedule_with_warmup's, which
+    LLaVA trains with: the same warmup from 0, the same last step, the same end at 0."""
+    from transformers import get_cosine_schedule_with_warmup
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference, theirs = get_cosine_schedule_with_warmup(optimizer, warmup, total), []
+    for _ in range(total + 1):  # steps 0 .. total - 1 train; total is where it ends
+        theirs.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    assert [train.warmup_cosine(step, warmup, total) for step in range(total + 1)] == pytest.approx(theirs, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- runs that users break
 
 def start(*args, nproc=2):
@@ -346,6 +360,17 @@ def test_an_input_error_under_torchrun_is_the_root_cause_of_its_report(tmp_path)
     report = proc.stderr[proc.stderr.index("Root Cause"):]
     assert f"traceback : train.py: error: --data {tmp_path / 'nope.json'}: no such file" in report, report
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, message", [(["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+                                           (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'")])
+def test_a_flag_error_under_torchrun_is_one_line_and_the_root_cause(tmp_path, flag, message):
+    """argparse's errors take the path of every input error: one line from rank 0, no usage, and torchrun's error
+    file, so that its report names the cause instead of `error_file: <N/A>`."""
+    proc = launch("--demo", "--stage", 1, *flag, "--output", tmp_path / "out", check=False)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith(("train.py: error", "usage:"))]
+    assert proc.returncode != 0 and ours == [f"train.py: error: {message}"], proc.stderr[-3000:]
+    assert f"traceback : train.py: error: {message}" in proc.stderr[proc.stderr.index("Root Cause"):]
 
 
 @pytest.mark.parametrize("stage,zero", [(1, 2), (1, 3), (2, 2), (2, 3)])
