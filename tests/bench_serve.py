@@ -13,19 +13,17 @@ import argparse
 import base64
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port  # noqa: E402
+from test_serve import start  # noqa: E402  (serve.py as a user starts it)
 
 
 def workload():
@@ -37,23 +35,6 @@ def workload():
             url = "data:image/png;base64," + base64.b64encode(data).decode()
             out.append((url, record["conversations"][0]["value"].replace("<image>", "").strip()))
     return out
-
-
-def serve(model, max_batch, log):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", model, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "256"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            return proc, base
-        except OSError:
-            if proc.poll() is not None:
-                sys.exit(f"serve.py failed: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.1)
-    sys.exit("serve.py did not start")
 
 
 def run(base, clients, n_requests, max_tokens, work, ignore_eos):
@@ -99,7 +80,7 @@ def main():
     work, results = workload(), {}
     with tempfile.NamedTemporaryFile("w", suffix=".log") as log:
         for max_batch in (16, 1):
-            proc, base = serve(args.model, max_batch, log)
+            proc, base = start(args.model, log, "--max-batch", max_batch, "--max-queue", 256)
             try:
                 run(base, 4, 8, args.max_tokens, work, not args.natural)  # warm up
                 for clients in (1, 4, 16):
