@@ -17,7 +17,7 @@ import sys
 import torch
 
 from chat import load_model, one_line
-from checkpoint import CheckpointError, save_weights, write_config, write_output
+from checkpoint import CheckpointError, read_config, save_weights, write_config, write_output
 from data import CLIP_MEAN, CLIP_STD, IMAGE, PROMPT_DIR, STAGE_TEMPLATE, TEMPLATES, Tokenizer, build_conversation
 
 TO_LLAVA_HF_KEYS = (  # our name -> llava-hf's, as transformers 5's save_pretrained writes them
@@ -123,6 +123,7 @@ def main(argv=None):
     if os.path.isdir(args.output) and os.listdir(args.output):
         p.error(f"{args.output} is not empty; choose a new folder")
     try:
+        read_config(args.model)  # refuses a quantized model: llava-hf holds full-precision weights
         model, _ = load_model(args.model, args.vision)  # chat.py's checks: a stage-2 model, a tokenizer that fits
         write_output(args.output, lambda tmp: export_llava_hf(model, tmp, os.path.join(args.model, "tokenizer.model")))
     except (CheckpointError, ValueError, OSError) as e:
