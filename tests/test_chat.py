@@ -365,7 +365,7 @@ def test_interactive_chat_in_a_terminal(model_dir):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_the_answer_then_exits_at_the_prompt(model_dir):
+def test_ctrl_c_stops_the_answer_and_at_the_prompt_says_how_to_leave(model_dir):
     child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), CHEST, "--model", model_dir, "--temperature", "0",
                                            "--max-new-tokens", "1900"],
                           cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, LANG="C.UTF-8"))
@@ -376,7 +376,10 @@ def test_ctrl_c_stops_the_answer_then_exits_at_the_prompt(model_dir):
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">>> ")
-    child.sendintr()  # at the prompt: leave
+    child.sendintr()  # at the prompt: as Python's REPL, a new prompt and how to leave
+    child.expect(r"\(/quit or Ctrl-D leaves\)")
+    child.expect(">>> ")
+    child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

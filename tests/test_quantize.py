@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import chat
+import export
 import quantize
 from conftest import ROOT, launch
 from data import STAGE_TEMPLATE, Tokenizer, build_conversation, expand_images, image_files, render
 from test_chat import CHEST, TOKENIZER, tiny_model
 
-IMAGES = ROOT / "samples" / "images"
+IMAGES, DEMO_TOKENIZER = ROOT / "samples" / "images", ROOT / "samples" / "tokenizer.model"
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,6 @@ def folders(demo_model, tmp_path_factory):
     for scheme, flags in (("int8", ["--int8"]), ("int4", ["--int4", "--group-size", "32"])):
         assert quantize.main([demo_model, str(out / scheme), *flags]) == 0
     return {"int8": str(out / "int8"), "int4": str(out / "int4")}
-
-
-def cli(*args, script="chat.py"):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
 
 
 # ----------------------------------------------------------------------------- one linear at a time
@@ -136,12 +132,12 @@ def test_demo_model_quantized_answers_and_loss(demo_model, folders):
         assert abs(q_loss - loss) <= bound * loss
 
 
-def test_quantized_folder_chats_from_the_command_line(demo_model, folders):
+def test_quantized_folder_chats_from_the_command_line(demo_model, folders, capsys):
     """chat.py --model QUANTIZED and --quantize at load time give the trained answer."""
     question = ["samples/images/head_ct.png", "--question", "图中显示的是哪个部位？"]
     for flags in (["--model", folders["int4"]], ["--model", demo_model, "--quantize", "int8"]):
-        proc = cli(*question, *flags)
-        assert (proc.returncode, proc.stdout.strip()) == (0, "头部。"), (flags, proc.stderr)  # the trained answer
+        assert chat.main([*question, *flags]) == 0
+        assert capsys.readouterr().out.strip() == "头部。"  # the trained answer
 
 
 # ----------------------------------------------------------------------------- a random model
@@ -174,9 +170,10 @@ def test_random_model_quantized_logits_and_batched_compiled_decoding(tmp_path):
             assert chat.generate_batch(model, prompts[:1], pixels[:1], 12, tokenizer.eos_id, compile=True) == alone[:1]
 
 
-PEAK_RSS = """import re, sys, torch, chat
+PEAK_RSS = """import re, sys, torch, chat, quantize
 def rss(key):  # MiB, from /proc: VmHWM is the peak since the process started
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+quantize.int8_matvec(torch.ones(1, 64), torch.ones(8, 64, dtype=torch.int8), torch.ones(8))  # the compiler's ~70 MB
 before = rss("VmRSS")
 model, tokenizer = chat.load_model(sys.argv[1])
 chat.generate_batch(model, [[1, 2, 3]], None, 2, None)  # as chat.py decodes: every weight read
@@ -186,15 +183,15 @@ print(rss("VmHWM") - before)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="measures memory through Linux's /proc")
 def test_a_quantized_folder_loads_in_less_memory(tmp_path):
-    """Width 512, 8 layers, vocabulary 32000: the LLM's linears are 3/4 of its 240 MB; loading and running
+    """Width 512, 16 layers, the demo's vocabulary: the LLM's linears are nearly all of its 220 MB; loading and running
     the int8 folder peaks at well under the full model's resident memory."""
     import dataclasses
     from llama import LlamaArgs
     from model import QilinConfig, QilinMedVL
     from vit import VisionArgs
-    llm = dataclasses.replace(LlamaArgs.preset("demo"), dim=512, n_layers=8, n_heads=8, n_kv_heads=8,
-                              intermediate_size=1536, vocab_size=32000)
-    QilinMedVL(QilinConfig(vision=VisionArgs.preset("demo"), llm=llm)).save_pretrained(tmp_path / "full", TOKENIZER)
+    llm = dataclasses.replace(LlamaArgs.preset("demo"), dim=512, n_layers=16, n_heads=8, n_kv_heads=8,
+                              intermediate_size=1536, vocab_size=Tokenizer(DEMO_TOKENIZER).vocab_size)
+    QilinMedVL(QilinConfig(vision=VisionArgs.preset("demo"), llm=llm)).save_pretrained(tmp_path / "full", DEMO_TOKENIZER)
     assert quantize.main([str(tmp_path / "full"), str(tmp_path / "int8"), "--int8"]) == 0
     peaks = {}
     for name in ("full", "int8"):
@@ -208,27 +205,26 @@ def test_a_quantized_folder_loads_in_less_memory(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input: one line each
 
-def test_refusals_are_one_line(demo_model, folders, tmp_path):
+def test_refusals_are_one_line(demo_model, folders, tmp_path, capsys):
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     for f in os.listdir(folders["int8"]):
         (unknown / f).write_bytes((ROOT / folders["int8"] / f).read_bytes())
     config = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps(dict(config, quantization={"scheme": "nf4"})))
-    for args, expected in (
-            ((demo_model, tmp_path / "x", "--int4"), "--group-size 128 does not divide llm.layers.0.mlp.down_proj"),
-            ((folders["int8"], tmp_path / "y", "--int4", "--group-size", "32"), "is already quantized (int8)")):
-        proc = cli(*args, script="quantize.py")
-        assert proc.returncode == 1 and expected in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
-        assert not os.path.exists(args[1])
     head = ["samples/images/head_ct.png", "--question", "?"]
-    for args, expected, script in (
-            ((*head, "--model", folders["int8"], "--quantize", "int4"), "is already quantized (int8): load it", "chat.py"),
-            ((*head, "--model", unknown), "quantization {'scheme': 'nf4'} is not a scheme this loader knows", "chat.py"),
-            ((*head, "--model", demo_model, "--quantize", "int4", "--group-size", "100"), "does not divide", "chat.py"),
-            ((folders["int4"], tmp_path / "exported"), "a quantized model", "export.py")):
-        proc = cli(*args, script=script)
-        assert proc.returncode == 1 and expected in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    for main, args, expected in (
+            (quantize.main, (demo_model, tmp_path / "x", "--int4"),
+             "--group-size 128 does not divide llm.layers.0.mlp.down_proj's 352 input channels"),
+            (quantize.main, (folders["int8"], tmp_path / "y", "--int4", "--group-size", "32"), "is already quantized"),
+            (chat.main, (*head, "--model", folders["int8"], "--quantize", "int4"), "is already quantized (int8): load"),
+            (chat.main, (*head, "--model", unknown), "quantization {'scheme': 'nf4'} is not a scheme this loader knows"),
+            (chat.main, (*head, "--model", demo_model, "--quantize", "int4", "--group-size", "100"), "does not divide"),
+            (export.main, (folders["int4"], tmp_path / "exported"), "a quantized model")):
+        assert main(list(map(str, args))) == 1
+        err = capsys.readouterr().err
+        assert expected in err and len(err.splitlines()) == 1, err
+    assert not any(os.path.exists(tmp_path / name) for name in ("x", "y", "exported"))
     proc = launch("--demo", "--stage", 2, "--stage1-output", folders["int8"], "--output", tmp_path / "t", nproc=None,
                   check=False)
     assert proc.returncode != 0 and "a quantized model" in proc.stderr and "Traceback" not in proc.stderr
