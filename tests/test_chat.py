@@ -385,6 +385,14 @@ def test_ctrl_c_stops_the_answer_and_at_the_prompt_says_how_to_leave(model_dir):
     assert child.exitstatus == 0
 
 
+def test_the_demo_banner_says_what_the_demo_knows(tokenizer, monkeypatch, capsys):
+    import argparse
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # end of input at once
+    for folder, expected in ((chat.DEMO_MODEL, "learned only the Chinese questions"), ("elsewhere", "Ask in Chinese")):
+        chat.chat(tiny_model(), tokenizer, None, argparse.Namespace(model=folder))
+        assert expected in capsys.readouterr().out.splitlines()[0]
+
+
 PEAK_RSS = """import re, sys, torch, data
 def rss(key):  # MiB; VmHWM is the peak resident memory of this process since it started, VmRSS the current
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024
