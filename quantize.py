@@ -29,6 +29,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from checkpoint import CheckpointError, assign_weights, read_config, read_weights, save_weights, write_config, write_output
 from model import QilinConfig, QilinMedVL
@@ -160,7 +161,7 @@ def quantize_model(model, scheme, group_size=128, device=None, dtype=None):
     read onto `device` and quantized there, and then dropped; then the rest (float) moves to `device` and `dtype`."""
     for name in quantized_linears(model):  # all checked before the first is quantized
         empty_quantized(model.get_submodule(name), scheme, group_size, name)
-    for name in quantized_linears(model):
+    for name in tqdm(quantized_linears(model), f"quantizing to {scheme}", unit="layer", file=sys.stderr, disable=None):
         linear = model.get_submodule(name)
         w = linear.weight.to(device)
         with torch.device("meta"):
