@@ -21,19 +21,24 @@ from data import (MAX_IMAGE_PIXELS, STAGE_TEMPLATE, ImageError, Tokenizer, build
                   render)
 import lora
 from model import QilinMedVL
+from quantize import SCHEMES, load_quantized, quantize_model
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
 HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
 /help  this list     /quit or Ctrl-D  leave     Ctrl-C  stop an answer (it is then left out of the dialog)"""
+ASK, DEMO_KNOWS = "Ask in Chinese or English.", ("The demo learned only the Chinese questions of samples/stage2.json, "
+                                                 "e.g. 这是什么类型的医学影像？ 图中显示的是哪个部位？ (others get a guess)")
 
 
-def load_model(folder, vision=None, dtype=torch.float32, device="cpu", llm=None):
-    """Any layout QilinMedVL.from_pretrained knows, or a LoRA run (merged at load; `llm`: its base, if moved), plus
-    the tokenizer.model that must sit beside it."""
+def load_model(folder, vision=None, dtype=torch.float32, device="cpu", llm=None, quantize=None, group_size=128):
+    """Any layout QilinMedVL.from_pretrained knows, a LoRA run (merged at load; `llm`: its base, if moved), or a
+    quantized folder, plus the tokenizer.model that must sit beside it; quantize "int8"/"int4": quantized while it
+    loads (quantize.py)."""
     if not os.path.isdir(folder):
         hint = " (train the demo model first: torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2)"
         raise CheckpointError(f"{folder}: no such model folder" + (hint if folder == DEMO_MODEL else ""))
-    if (kind := read_config(folder).get("model_type")) == "qilin_med_vl_projector":  # it loads, but can only caption
+    config = read_config(folder, quantized=True)
+    if (kind := config.get("model_type")) == "qilin_med_vl_projector":  # it loads, but can only caption
         raise CheckpointError(f"{folder}: a stage-1 output (the adapter, trained only to caption images); chat needs "
                               f"a stage-2 model. Stage 1's output is for train.py --stage 2 --stage1-output {folder}")
     if llm is not None and kind != lora.LORA_RUN:
@@ -41,13 +46,24 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu", llm=None)
     tokenizer_path = os.path.join(folder, "tokenizer.model")
     if not os.path.isfile(tokenizer_path):
         raise CheckpointError(f"{folder}: no tokenizer.model (copy the LLM's SentencePiece tokenizer.model into it)")
-    model = (lora.load_run(folder, vision, llm, dtype, device) if kind == lora.LORA_RUN
-             else QilinMedVL.from_pretrained(folder, vision_path=vision, dtype=dtype, device=device)).eval()
+    if kind == lora.LORA_RUN:  # merged in full precision, then quantized if asked
+        model = lora.load_run(folder, vision, llm, dtype, device)
+        model = quantize_model(model, quantize, group_size, device, dtype) if quantize else model
+    elif quantize or config.get("quantization"):
+        model = load_quantized(folder, vision, dtype, device, quantize, group_size)
+    else:
+        model = QilinMedVL.from_pretrained(folder, vision_path=vision, dtype=dtype, device=device)
+    model.eval()
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.llm.vocab_size:
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} pieces, but the model has only "
                               f"{model.config.llm.vocab_size} embedding rows (wrong tokenizer?)")
     return model, tokenizer
+
+
+def load_from_args(args):
+    """load_model with the flags of add_model_flags (chat.py, evaluate.py and serve.py alike)."""
+    return load_model(args.model, args.vision, args.dtype, args.device, args.llm, args.quantize, args.group_size)
 
 
 def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS, frame=None):
@@ -90,7 +106,7 @@ def generate(model, prompts, pixel_values, max_new_tokens, temperature=0.0, top_
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)  # (B, L), left-padded
     real = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts], device=device)  # (B, L)
     embeds = model.embed(ids, None if pixel_values is None else pixel_values.to(device))  # (B, L, dim)
-    llm.setup_cache(B, L + max_new_tokens)
+    llm.setup_cache(B, L + max_new_tokens, embeds.dtype)  # the activations' dtype (a quantized weight's is not)
     pad_mask = torch.cat([real, real.new_ones(B, llm.cache_len - L)], 1)  # (B, S): False at padding
     # prefill: slots 0..L-1; RoPE positions count each row's real tokens; logits of the last column only
     logits = llm(inputs_embeds=embeds, input_pos=torch.arange(L, device=device), pad_mask=pad_mask,
@@ -165,13 +181,17 @@ def answer(model, tokenizer, turns, pixels, args):
 def chat(model, tokenizer, pixels, args):
     """The interactive loop: each answer re-renders the whole dialog and refills the cache (reusing its buffers)."""
     turns = []
-    print(f"Qilin-Med-VL from {args.model} ({model.config.style} prompts). Ask in Chinese or English.\n{HELP}")
+    demo = os.path.abspath(args.model) == os.path.abspath(DEMO_MODEL)
+    print(f"Qilin-Med-VL from {args.model} ({model.config.style} prompts). {DEMO_KNOWS if demo else ASK}\n{HELP}")
     while True:
         try:
             line = input(">>> ").strip()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave quietly
+        except EOFError:  # Ctrl-D at the prompt: leave quietly
             print()
             return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: as Python's REPL, a new prompt and how to leave
+            print("\n(/quit or Ctrl-D leaves)")
+            continue
         command, _, rest = line.partition(" ")
         if command == "/quit":
             return
@@ -212,6 +232,8 @@ def add_model_flags(p):
                    "judged by the header (default 2**30, about a gigapixel: slides pass, decompression bombs do not)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--quantize", choices=SCHEMES, help="quantize the LLM's linear layers while loading (quantize.py)")
+    p.add_argument("--group-size", type=int, default=128, help="--quantize int4: input channels per scale (128)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="decode with a compiled, graph-captured "
                    "step (default: on with CUDA, ~2x faster; off on CPU: a slower first answer for little gain)")
 
@@ -278,7 +300,7 @@ def one_line(error):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device, args.llm)
+        model, tokenizer = load_from_args(args)
         pixels = load_pixels(args.images, model, args.max_image_pixels, args.frame)
         if args.question is None:
             chat(model, tokenizer, pixels, args)

@@ -41,8 +41,9 @@ class CheckpointError(ValueError):
 Weights = namedtuple("Weights", "tensors files folder")
 
 
-def read_config(folder):
-    """The folder's config.json as a dict."""
+def read_config(folder, quantized=False):
+    """The folder's config.json as a dict. A quantized model's (quantize.py) is refused unless `quantized`: only chat
+    and the commands built on it load one; training and export need the full-precision weights."""
     path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such checkpoint folder")
@@ -50,9 +51,13 @@ def read_config(folder):
         raise CheckpointError(f"{folder}: no config.json (a checkpoint folder holds config.json next to its weights)")
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if config.get("quantization") and not quantized:
+        raise CheckpointError(f"{folder}: a quantized model ({config['quantization']}), which only chat.py loads; "
+                              f"give the full-precision folder it was quantized from")
+    return config
 
 
 def weight_files(folder):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chat import (add_model_flags, add_sampling_flags, check_args, generate_batch, load_model, load_pixels, one_line,
+from chat import (add_model_flags, add_sampling_flags, check_args, generate_batch, load_from_args, load_pixels, one_line,
                   prompt_ids, room)
 from checkpoint import CheckpointError
 from data import IMAGE, MAX_IMAGES, ImageError, TooManyImages, image_files, read_records
@@ -398,7 +398,7 @@ def run(args):
         if not args.resume:
             raise ValueError(f"{args.out} exists: --resume continues that run, --overwrite replaces it")
         done = answered(args.out, {q["id"] for q in questions})
-    model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device)  # before anything is written
+    model, tokenizer = load_from_args(args)  # before anything is written
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a" if done else "w", encoding="utf-8") as out:
         skipped += answer_all(questions, done, model, tokenizer, image_root, args, out)

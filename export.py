@@ -124,6 +124,7 @@ def main(argv=None):
     if os.path.isdir(args.output) and os.listdir(args.output):
         p.error(f"{args.output} is not empty; choose a new folder")
     try:
+        # read_config refuses a quantized model: llava-hf holds full-precision weights
         if os.path.isdir(args.model) and read_config(args.model).get("model_type") == "qilin_med_vl_projector":
             raise CheckpointError(f"{args.model}: a stage-1 output (the adapter alone); export needs a stage-2 model "
                                   f"(train.py --stage 2, in full or with --lora)")

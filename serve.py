@@ -427,7 +427,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, tokenizer = chat.load_model(args.model, args.vision, args.dtype, args.device)
+        model, tokenizer = chat.load_from_args(args)
         server = ThreadingHTTPServer((args.host, args.port), Handler)
     except (CheckpointError, ValueError, OSError) as e:  # bad folder, port in use: one line, no traceback
         print(f"error: {chat.one_line(e)}", file=sys.stderr)

@@ -367,7 +367,7 @@ def test_interactive_chat_in_a_terminal(model_dir):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_the_answer_then_exits_at_the_prompt(model_dir):
+def test_ctrl_c_stops_the_answer_and_at_the_prompt_says_how_to_leave(model_dir):
     child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), CHEST, "--model", model_dir, "--temperature", "0",
                                            "--max-new-tokens", "1900"],
                           cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, LANG="C.UTF-8"))
@@ -378,10 +378,21 @@ def test_ctrl_c_stops_the_answer_then_exits_at_the_prompt(model_dir):
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">>> ")
-    child.sendintr()  # at the prompt: leave
+    child.sendintr()  # at the prompt: as Python's REPL, a new prompt and how to leave
+    child.expect(r"\(/quit or Ctrl-D leaves\)")
+    child.expect(">>> ")
+    child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_the_demo_banner_says_what_the_demo_knows(tokenizer, monkeypatch, capsys):
+    import argparse
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # end of input at once
+    for folder, expected in ((chat.DEMO_MODEL, "learned only the Chinese questions"), ("elsewhere", "Ask in Chinese")):
+        chat.chat(tiny_model(), tokenizer, None, argparse.Namespace(model=folder))
+        assert expected in capsys.readouterr().out.splitlines()[0]
 
 
 PEAK_RSS = """import re, sys, torch, data
