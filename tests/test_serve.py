@@ -248,6 +248,22 @@ def test_a_dicom_data_url_is_answered_as_chat_py_answers_the_file(client, model_
     assert reply.choices[0].message.content == proc.stdout[:-1]
 
 
+def test_a_model_quantized_while_it_loads_is_served_as_chat_py_answers(model_dir, tmp_path):
+    """--quantize reaches serve.py through chat.load_from_args: the int8 model's answer, not the float one's."""
+    turns = [{"from": "human", "value": QUESTION}]
+    want, full = (expected(chat.load_model(str(model_dir), quantize=q), turns, [CHEST], 12) for q in ("int8", None))
+    proc, base = start(model_dir, open(tmp_path / "serve.log", "w"), "--quantize", "int8")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="qilin-med-vl", messages=[user(QUESTION, CHEST)], temperature=0,
+                                               max_tokens=12)
+        assert reply.choices[0].message.content == want
+        assert want != full  # the random model's logits are sensitive enough that int8 changes its answer
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_a_client_that_disconnects_frees_its_row(server, client):
     before = health(server)["steps"]
     host, port = server.removeprefix("http://").split(":")
