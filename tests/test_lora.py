@@ -178,6 +178,23 @@ def test_chat_loads_a_lora_run_merged_and_finds_a_moved_base(saved_run, tmp_path
     assert torch.equal(logits(again, ids, pixels), logits(loaded, ids, pixels))
 
 
+def test_serve_answers_from_a_lora_run_as_chat_does(saved_run, tmp_path):
+    import openai
+    import test_serve
+
+    out = saved_run[1]
+    want = test_serve.expected(chat.load_model(str(out)), [{"from": "human", "value": QUESTION}], [CHEST], 8)
+    proc, base = test_serve.start(out, open(tmp_path / "serve.log", "w"))
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="qilin-med-vl", messages=[test_serve.user(QUESTION, CHEST)],
+                                               temperature=0, max_tokens=8)
+        assert reply.choices[0].message.content == want and want
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_a_lora_run_where_a_whole_model_is_expected_and_the_reverse(saved_run, tmp_path):
     model, out, base = saved_run
     whole = tmp_path / "whole"
