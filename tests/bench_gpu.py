@@ -25,6 +25,7 @@ H100/H200, by the datasheet). Needs DeepSpeed and transformers. About five minut
 """
 
 import argparse
+import copy
 import dataclasses
 import gc
 import os
@@ -43,6 +44,7 @@ import train  # noqa: E402
 from data import IMAGE_TOKEN_INDEX, SAMPLES, ChiMedDataset, Tokenizer, collate, expand_images  # noqa: E402
 from llama import Llama, LlamaArgs  # noqa: E402
 from model import QilinConfig, QilinMedVL  # noqa: E402
+from quantize import quantize_model  # noqa: E402
 from vit import VisionArgs  # noqa: E402
 
 PEAKS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125}  # dense bf16 TFLOP/s
@@ -295,7 +297,7 @@ def part_c(args, device):
     bandwidth = copy_bandwidth(device)
     vision = VisionArgs() if not args.cpu_smoke else VisionArgs.preset("demo")
     llm = LlamaArgs() if not args.cpu_smoke else LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                                                             intermediate_size=172, vocab_size=3000, max_seq_len=1024)
+                                                             intermediate_size=192, vocab_size=3000, max_seq_len=1024)
     print(f"\n-- (c) decoding: ViT + {llm.n_layers}-layer LLaMA (width {llm.dim}), random weights, batch 1; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -317,7 +319,7 @@ def part_c(args, device):
     limit = bandwidth / (weights + kv)
     print(f"bytes per token: {(weights + kv) / 1e9:.1f} GB (weights + mean KV cache) -> limit {limit:.1f} tok/s")
 
-    def ours(compile):
+    def ours(compile, model=model):
         t0 = time.perf_counter()
         tokens, stamps = [], []
         for token in chat.generate(model, [ids], pixels, n_new, compile=compile):
@@ -343,6 +345,22 @@ def part_c(args, device):
             print(f"{name:44s} prefill {prefill * 1e3:6.1f} ms  decode {rate:7.1f} tok/s  {100 * rate / limit:5.1f}% of the limit",
                   flush=True)
             SUMMARY.append(("c", name, f"{rate:.1f} tok/s, {100 * rate / limit:.0f}% of the bandwidth limit"))
+        except Exception:
+            print(f"{name} FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
+    for scheme in args.quantize:  # the same weights, weight-only quantized by quantize.py, the compiled step
+        name = f"chat.generate compiled, {scheme}"
+        try:
+            q = quantize_model(copy.deepcopy(model), scheme, min(args.group_size, llm.dim), device, dtype)
+            read = sum(t.nbytes for t in (*q.llm.parameters(), *q.llm.buffers()) if t.dim() > 0) + kv
+            q_limit = bandwidth / read
+            ours(True, q)
+            tokens, prefill, rate = ours(True, q)
+            results[name] = tokens
+            print(f"{name:44s} prefill {prefill * 1e3:6.1f} ms  decode {rate:7.1f} tok/s  {100 * rate / q_limit:5.1f}% "
+                  f"of its limit ({read / 1e9:.1f} GB a token)", flush=True)
+            SUMMARY.append(("c", name, f"{rate:.1f} tok/s, {100 * rate / q_limit:.0f}% of the bandwidth limit for "
+                                       f"{read / 1e9:.1f} GB a token"))
+            del q
         except Exception:
             print(f"{name} FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
     try:
@@ -433,6 +451,9 @@ def main():
     p.add_argument("--only", default="abc", help="which parts to run, e.g. 'bc'")
     p.add_argument("--profile", action="store_true", help="(c): print a profile of the eager decode steps")
     p.add_argument("--compiled-only", action="store_true", help="(c): only chat.generate's compiled path")
+    p.add_argument("--quantize", nargs="*", default=["int8", "int4"], choices=("int8", "int4"),
+                   help="(c): also decode the model quantized by quantize.py (default int8 int4; none: leave out)")
+    p.add_argument("--group-size", type=int, default=128, help="(c): int4's group size")
     p.add_argument("--estimate", nargs=2, type=float, metavar=("MFU1", "MFU2"),
                    help="only print the whole-run estimate for these stage-1 and stage-2 MFUs (percent)")
     p.add_argument("--peak-tflops", type=float, help="peak of this GPU (default: looked up from its name)")
