@@ -17,6 +17,7 @@ Extensions (OpenAI clients pass them as `extra_body`): "attention_map": true add
 import argparse
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import json
@@ -171,8 +172,7 @@ class Worker(threading.Thread):
 # ----------------------------------------------------------------------------- reading a request
 
 def number(body, name, low, high, default, kind=(int, float)):
-    value = body.get(name)
-    if value is None:
+    if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         raise APIError(400, f"'{name}' must be a {'whole ' if kind is int else ''}number from {low} to {high}, "
@@ -317,7 +317,10 @@ class Handler(BaseHTTPRequestHandler):
     def read_json(self, limit):
         length = self.headers.get("Content-Length", "")
         if not length.isdigit() or int(length) > limit:
-            self.close_connection = True  # its body is left unread
+            self.close_connection = True  # after reading (and dropping) up to 16 MiB more, as nginx's lingering close:
+            left = min(int(length), limit + 2**24) if length.isdigit() else 0  # a client still sending gets our 413
+            while left > 0 and (chunk := self.rfile.read(min(left, 2**16))):
+                left -= len(chunk)
             raise (APIError(411, "a request body needs its Content-Length") if not length.isdigit() else
                    APIError(413, f"the request is {length} bytes, over the limit of {limit} (--max-request-bytes)"))
         try:
@@ -438,10 +441,8 @@ def main(argv=None):
     host, port = server.server_address[:2]
     print(f"Qilin-Med-VL from {args.model}: the page at http://{host}:{port}/, OpenAI's API at "
           f"http://{host}:{port}/v1 (model {args.served_model_name!r}). Ctrl-C stops.", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a quiet stop
         server.serve_forever()
-    except KeyboardInterrupt:  # Ctrl-C: a quiet stop
-        pass
     return 0
 
 
