@@ -82,8 +82,8 @@ def dequantize(scheme, weight, scales, zeros=None):
 # So one row (batch-1 decoding) goes through the compiled reduction, more rows through dequantize-then-BLAS. Whole
 # decode steps (width 512, 8 layers): int8 1.0x fp32 eager, 2.2x inside chat.compiled's compiled step (each eager
 # call of a compiled function costs its own dispatch; one graph of the step fuses everything between the matmuls
-# too); int4 0.24x and 0.48x. The fp32 weights of so small a model sit in this machine's 480 MB cache, which hides
-# most of what reading a quarter of the bytes would gain. On a GPU both schemes take the dequantizing path, which
+# too); int4 0.24x and 0.48x. The fp32 weights of so small a model sit in the measuring CPU's 480 MB cache, which
+# hides most of what reading a quarter of the bytes would gain. On a GPU both schemes take the dequantizing path, which
 # the compiled step (the default there) fuses into its matmuls, as in gpt-fast; not yet measured here.
 
 @torch.compile(dynamic=True)
