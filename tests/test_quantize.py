@@ -140,6 +140,19 @@ def test_quantized_folder_chats_from_the_command_line(demo_model, folders, capsy
         assert capsys.readouterr().out.strip() == "头部。"  # the trained answer
 
 
+def test_evaluate_scores_a_quantized_folder_as_the_full_model(demo_model, folders, tmp_path, capsys):
+    """evaluate.py on the demo's own questions: the int8 folder's answers are the full model's, batched."""
+    import evaluate
+
+    tables = {}
+    for name, model in (("full", demo_model), ("int8", folders["int8"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert evaluate.main(["--model", model, "--data", str(ROOT / "samples" / "stage2.json"), "--image-root",
+                              str(ROOT / "samples" / "images"), "--out", str(out), "--batch-size", "8"]) == 0
+        tables[name] = [json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert tables["int8"] == tables["full"] and len(tables["full"]) >= 13
+
+
 # ----------------------------------------------------------------------------- a random model
 
 def test_random_model_quantized_logits_and_batched_compiled_decoding(tmp_path):
