@@ -21,7 +21,7 @@ from data import (MAX_IMAGE_PIXELS, STAGE_TEMPLATE, ImageError, Tokenizer, build
                   render)
 import lora
 from model import QilinMedVL
-from quantize import SCHEMES, load_quantized, quantize_model
+from quantize import COMPILER, SCHEMES, Int4Linear, Int8Linear, load_quantized, quantize_model
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
 HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
@@ -62,8 +62,16 @@ def load_model(folder, vision=None, dtype=torch.float32, device="cpu", llm=None,
 
 
 def load_from_args(args):
-    """load_model with the flags of add_model_flags (chat.py, evaluate.py and serve.py alike)."""
-    return load_model(args.model, args.vision, args.dtype, args.device, args.llm, args.quantize, args.group_size)
+    """load_model with the flags of add_model_flags (chat.py, evaluate.py and serve.py alike). On a CPU the decode step
+    is compiled by default only for a quantized model: its int8 matvecs gain 2x inside one graph, ~1x eager."""
+    model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device, args.llm, args.quantize,
+                                  args.group_size)
+    if args.compile is None:
+        args.compile = COMPILER is not None and any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+        if args.compile:
+            print("(compiling the decode step for the quantized model, once: the first answer waits ~30 s; "
+                  "--no-compile skips it)", file=sys.stderr, flush=True)
+    return model, tokenizer
 
 
 def load_pixels(paths, model, max_pixels=MAX_IMAGE_PIXELS, frame=None):
@@ -235,7 +243,8 @@ def add_model_flags(p):
     p.add_argument("--quantize", choices=SCHEMES, help="quantize the LLM's linear layers while loading (quantize.py)")
     p.add_argument("--group-size", type=int, default=128, help="--quantize int4: input channels per scale (128)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="decode with a compiled, graph-captured "
-                   "step (default: on with CUDA, ~2x faster; off on CPU: a slower first answer for little gain)")
+                   "step (default: on with CUDA, ~2x faster; on a CPU only for a quantized model, where it doubles "
+                   "int8's speed; otherwise a slower first answer for little gain)")
 
 
 def add_sampling_flags(p, greedy_default):
@@ -263,7 +272,7 @@ def check_args(p, args, greedy, checks=()):
     if args.temperature is None:
         args.temperature = 0.0 if greedy else 0.2
     cuda = args.device.startswith("cuda")
-    args.compile = cuda if args.compile is None else args.compile
+    args.compile = True if cuda and args.compile is None else args.compile  # None on a CPU: load_from_args decides
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     try:
         args.rng = torch.Generator(args.device)
