@@ -21,7 +21,7 @@ from data import (MAX_IMAGE_PIXELS, STAGE_TEMPLATE, ImageError, Tokenizer, build
                   render)
 import lora
 from model import QilinMedVL
-from quantize import COMPILER, SCHEMES, Int4Linear, Int8Linear, load_quantized, quantize_model
+from quantize import COMPILER, SCHEMES, is_quantized, load_quantized, quantize_model
 
 DEMO_MODEL = "runs/demo-stage2"  # what `torchrun --standalone --nproc_per_node 2 train.py --demo --stage 2` writes
 HELP = """/image PATH [PATH ...]  talk about other images (a new dialog)     /reset  a new dialog
@@ -67,7 +67,7 @@ def load_from_args(args):
     model, tokenizer = load_model(args.model, args.vision, args.dtype, args.device, args.llm, args.quantize,
                                   args.group_size)
     if args.compile is None:
-        args.compile = COMPILER is not None and any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+        args.compile = COMPILER is not None and is_quantized(model)
         if args.compile:
             print("(compiling the decode step for the quantized model, once: the first answer waits ~30 s; "
                   "--no-compile skips it)", file=sys.stderr, flush=True)

@@ -18,7 +18,6 @@ Written after minLoRA and litgpt's lora.py (LoRA as a few lines around a frozen 
 LoraLayer (initialisation, names and file format: https://huggingface.co/docs/peft).
 """
 
-import contextlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, read_config, read_safetensors, save_weights, write_config, write_output
-from model import QilinConfig, QilinMedVL
+from model import QilinConfig, QilinMedVL, gathered
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear of a block
 LORA_RUN = "qilin_med_vl_lora"  # config.json's model_type of a LoRA run
@@ -151,14 +150,8 @@ def save_run(model, args, tokenizer, zero3=False):
     PEFT's layout), projector.safetensors (the adapter, as stage 1 writes it), config.json (the model, the base
     folders as absolute paths, the LoRA settings) and tokenizer.model. Every rank calls this: under ZeRO-3 the trained
     weights are gathered one at a time for rank 0; the frozen base is not written (the recorded folders hold it)."""
-    import deepspeed
-    rank0, state = not dist.is_initialized() or dist.get_rank() == 0, {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            with deepspeed.zero.GatheredParameters([p]) if zero3 else contextlib.nullcontext():
-                if rank0:
-                    state[name] = p.detach().cpu().clone()
-    if not rank0:
+    state = gathered(((n, p) for n, p in model.named_parameters() if p.requires_grad), zero3)
+    if dist.is_initialized() and dist.get_rank() != 0:
         return
     vision, llm = os.path.abspath(args.vision), os.path.abspath(args.llm)
 

@@ -12,6 +12,7 @@ uses LLaVA-1.5's two-layer MLP (`mlp2x_gelu`). Section 4.2's two stages differ o
 (`set_trainable`); the vision tower never trains.
 """
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -207,12 +208,7 @@ class QilinMedVL(nn.Module):
         under ZeRO-3 each holds a slice of each weight; all gather them one at a time, for rank 0 to copy and write."""
         model, rank0 = self, not dist.is_initialized() or dist.get_rank() == 0
         if zero3:
-            import deepspeed
-            state = {}
-            for name, p in self.named_parameters():
-                with deepspeed.zero.GatheredParameters([p]):
-                    if rank0:
-                        state[name] = p.detach().cpu().clone()
+            state = gathered(self.named_parameters())
             if rank0:
                 with torch.device("meta"):
                     model = QilinMedVL(self.config)
@@ -228,6 +224,19 @@ class QilinMedVL(nn.Module):
             model.save_towers(tmp, tokenizer)  # the demo's
             model.save_projector(tmp, os.path.join(folder, "vision"), os.path.join(folder, "llm"), tokenizer)
         write_output(folder, write)
+
+
+def gathered(named_parameters, zero3=True):
+    """{name: a CPU copy of each parameter} on rank 0, {} on the others. Under ZeRO-3 each rank holds a slice of each
+    weight: all gather them one at a time (every rank must call this), so no rank holds more than one whole at once."""
+    if zero3:
+        import deepspeed  # here, as train.py's: only a ZeRO-3 run needs it
+    rank0, state = not dist.is_initialized() or dist.get_rank() == 0, {}
+    for name, p in named_parameters:
+        with deepspeed.zero.GatheredParameters([p]) if zero3 else contextlib.nullcontext():
+            if rank0:
+                state[name] = p.detach().cpu().clone()
+    return state
 
 
 if __name__ == "__main__":

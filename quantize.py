@@ -145,6 +145,11 @@ def quantized_linears(model):
     return [f"llm.{name}" for name, m in model.llm.named_modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))]
 
 
+def is_quantized(model):
+    """Whether any of the model's linears holds quantized weights."""
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+
+
 def empty_quantized(linear, scheme, group_size, name, dtype=None):
     """The quantized module (empty) that replaces `linear`; a group size that does not divide its width is refused."""
     if scheme == "int8":
